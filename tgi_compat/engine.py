@@ -1,0 +1,97 @@
+"""The engine seam: everything the spec layers know about vLLM lives here.
+
+Spec layers (``tgi_compat.tgi``) hand over token ids and ``SamplingParams`` keyword
+arguments and get ``RequestOutput`` deltas back; they never import vLLM themselves.
+Only vLLM's top-level exports are used where they exist, since internal paths move
+between releases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tgi_compat.tokens import Tokenizer
+
+logger = logging.getLogger("tgi_compat.engine")
+
+GiB = 1 << 30
+
+
+def engine_arg_parser():
+    """vLLM's own engine-flag parser (used for pass-through flags and --help)."""
+    from vllm import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="tgi-compat", add_help=False))
+
+
+def build_engine_args(model: str, tgi_flags: list[str], passthrough: list[str]):
+    """``AsyncEngineArgs`` from TGI flags mapped to vLLM's names plus untouched vLLM flags.
+
+    Pass-through flags come last, so an explicit vLLM flag wins over a mapped TGI one.
+    """
+    from vllm import AsyncEngineArgs
+
+    ns = engine_arg_parser().parse_args(["--model", model, *tgi_flags, *passthrough])
+    args = AsyncEngineArgs.from_cli_args(ns)
+    given = " ".join(passthrough)
+    if _on_cpu() and "--gpu-memory-utilization" not in given and "--kv-cache-memory" not in given:
+        # On CPU, gpu_memory_utilization is a share of NUMA node 0's RAM and vLLM's
+        # default (0.92) fails on small hosts; a fixed KV cache is the portable default.
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            args.kv_cache_memory_bytes = GiB
+    return args
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class Engine:
+    """A running vLLM ``AsyncLLM`` and the served model's tokenizer."""
+
+    def __init__(self, engine_args):
+        from transformers import AutoTokenizer
+        from vllm import AsyncLLMEngine
+
+        self.engine_args = engine_args
+        self.llm = AsyncLLMEngine.from_engine_args(engine_args)
+        model_config = self.llm.model_config
+        self.max_model_len: int = model_config.max_model_len
+        self.tokenizer = Tokenizer(
+            AutoTokenizer.from_pretrained(
+                engine_args.tokenizer or engine_args.model,
+                revision=engine_args.tokenizer_revision or engine_args.revision,
+                trust_remote_code=engine_args.trust_remote_code,
+            )
+        )
+        self.dtype = str(model_config.dtype)
+
+    def generate(self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str) -> AsyncIterator:
+        """Delta ``RequestOutput``s; closing the iterator aborts the request in the engine."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
+        return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    @property
+    def errored(self) -> bool:
+        return self.llm.errored
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,61 @@
+"""ASGI middleware that must see the raw request: the payload limit."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tgi_compat.errors import BodyError, payload_too_large
+
+
+class PayloadLimitMiddleware:
+    """Answer 413 once a body exceeds ``limit`` bytes, while it is being read.
+
+    A declared ``Content-Length`` over the limit is refused before any byte is read;
+    a chunked body is counted as it arrives, so nothing over the limit is buffered.
+    The ``BodyError`` raised from ``receive`` reaches the app's handler for it, which
+    answers 413 (the fallback here covers a route that let it escape).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await payload_too_large(self.limit).response()(scope, receive, send)
+                    return
+                break
+
+        received = 0
+        started = False
+        limit = self.limit
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise payload_too_large(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyError as e:
+            if not started:
+                await e.response()(scope, receive, send)

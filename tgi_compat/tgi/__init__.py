@@ -1,0 +1,1 @@
+"""The TGI spec layer: TGI's native routes (`/`, `/generate`, `/generate_stream`, ...)."""

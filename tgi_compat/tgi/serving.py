@@ -1,0 +1,375 @@
+"""TGI's generation routes over the engine seam.
+
+``TGIServing`` holds the engine and turns one validated request into TGI's responses:
+a ``GenerateResponse`` dict, or a stream of ``StreamResponse`` SSE frames. The per-token
+work (``_Generation.absorb``) is plain Python on lists and small dicts; pydantic is
+only used to parse the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tgi_compat.admission import ConcurrencyLimiter, Permit
+from tgi_compat.engine import Engine
+from tgi_compat.errors import (
+    GenerationError,
+    IncompleteGenerationError,
+    IncompleteGenerationStreamError,
+    TGIError,
+)
+from tgi_compat.sse import TGIEventStream, data_frame
+from tgi_compat.tgi.protocol import GenerateParameters, GenerateRequest
+from tgi_compat.tgi.validation import (
+    Limits,
+    ValidRequest,
+    check_best_of,
+    check_stream,
+    sampling_kwargs,
+    validate,
+)
+
+logger = logging.getLogger("tgi_compat.tgi")
+
+_ids = itertools.count()
+
+
+def compute_type() -> str:
+    """TGI's ``x-compute-type``: env ``COMPUTE_TYPE``, else TGI's default."""
+    return os.environ.get("COMPUTE_TYPE") or "gpu+optimized"
+
+
+class _Generation:
+    """Engine outputs of one request turned into TGI tokens, one entry per token."""
+
+    __slots__ = (
+        "valid", "tok", "special", "ids", "texts", "logprobs", "top", "prefill",
+        "finish_reason", "_stream", "_stops", "_stop_window", "_tail", "_want_lp",
+        "queue_seconds",
+    )
+
+    def __init__(self, valid: ValidRequest, engine: Engine, *, token_text: bool, token_logprobs: bool):
+        self.valid = valid
+        self.tok = engine.tokenizer
+        self.special = self.tok.special_ids
+        self.ids: list[int] = []
+        self.texts: list[str] = []
+        self.logprobs: list[float | None] = []
+        self.top: list[list[dict]] = []
+        self.prefill: list[dict] | None = None
+        self.finish_reason: str | None = None
+        self._stops = valid.stop
+        # Stop sequences match on decoded text, so they need per-token text too.
+        need_text = token_text or bool(valid.stop)
+        self._stream = self.tok.stream(valid.input_ids) if need_text else None
+        self._stop_window = max((len(s) for s in valid.stop), default=0)
+        self._tail = ""
+        self._want_lp = token_logprobs
+        self.queue_seconds = 0.0
+
+    def absorb(self, out: Any) -> None:
+        """Take one delta ``RequestOutput``; sets ``finish_reason`` when the request is done."""
+        comp = out.outputs[0]
+        lps = comp.logprobs if self._want_lp else None
+        if out.prompt_logprobs is not None and self.prefill is None:
+            self._absorb_prefill(out.prompt_logprobs)
+        stream = self._stream
+        top_n = self.valid.top_n_tokens
+        for i, tid in enumerate(comp.token_ids):
+            self.ids.append(tid)
+            if stream is not None:
+                text = stream.step(tid)
+                self.texts.append(text)
+            if lps is not None:
+                entries = lps[i]
+                chosen = entries.get(tid)
+                self.logprobs.append(chosen.logprob if chosen is not None else None)
+                if top_n:
+                    self.top.append(self._top_tokens(entries, top_n))
+            if self._stops and text:
+                tail = (self._tail + text)[-self._stop_window :]
+                self._tail = tail
+                for s in self._stops:
+                    if tail.endswith(s):
+                        self.finish_reason = "stop_sequence"
+                        return
+        if out.finished:
+            reason = comp.finish_reason
+            if reason == "length":
+                self.finish_reason = "length"
+            elif reason == "stop":
+                # vLLM checks EOS before the length cap; TGI checks length first.
+                self.finish_reason = "length" if len(self.ids) >= self.valid.max_new_tokens else "eos_token"
+            else:  # "abort" or anything unexpected: the engine gave up on the request
+                raise GenerationError(f"the engine ended the request ({reason})")
+            metrics = out.metrics
+            if metrics is not None and metrics.scheduled_ts and metrics.queued_ts:
+                self.queue_seconds = max(metrics.scheduled_ts - metrics.queued_ts, 0.0)
+
+    def _top_tokens(self, entries: dict, n: int) -> list[dict]:
+        ranked = sorted(entries.items(), key=lambda kv: kv[1].rank)[:n]
+        return [
+            {"id": tid, "text": self.tok.token_text(tid), "logprob": lp.logprob, "special": tid in self.special}
+            for tid, lp in ranked
+        ]
+
+    def _absorb_prefill(self, prompt_logprobs: list) -> None:
+        prefill = []
+        for tid, entries in zip(self.valid.input_ids, prompt_logprobs):
+            chosen = entries.get(tid) if entries else None
+            prefill.append(
+                {"id": tid, "text": self.tok.token_text(tid), "logprob": chosen.logprob if chosen else None}
+            )
+        self.prefill = prefill
+
+    def token(self, i: int) -> dict:
+        tid = self.ids[i]
+        return {
+            "id": tid,
+            "text": self.texts[i] if self.texts else self.tok.token_text(tid),
+            "logprob": self.logprobs[i] if self.logprobs else None,
+            "special": tid in self.special,
+        }
+
+    def generated_text(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def reported_seed(self) -> int | None:
+        return self.valid.seed if self.valid.sampling else None
+
+
+class TGIServing:
+    def __init__(self, engine: Engine, limiter: ConcurrencyLimiter, limits: Limits, keep_alive: float = 15.0):
+        self.engine = engine
+        self.limiter = limiter
+        self.limits = limits
+        self.keep_alive = keep_alive
+        self.compute_type = compute_type()
+
+    # --- admission and validation (TGI's order, §2.1) ---
+
+    def _admit(self, req: GenerateRequest, *, stream: bool) -> tuple[Permit, ValidRequest]:
+        params = req.parameters
+        if stream:
+            check_stream(params)
+        best_of = 1 if stream else check_best_of(params, self.limits)
+        permit = self.limiter.try_acquire(best_of)
+        try:
+            valid = validate(req.inputs, params, self.limits, self.engine.tokenizer.encode)
+        except BaseException:
+            permit.release()
+            raise
+        return permit, valid
+
+    def _request_id(self, request: Request) -> str:
+        return f"tgi-{next(_ids)}-{uuid.uuid4().hex[:8]}"
+
+    # --- non-stream ---
+
+    async def generate(
+        self, req: GenerateRequest, request: Request, *, full_text_default: bool, as_list: bool
+    ) -> Response:
+        start = time.monotonic()
+        permit, valid = self._admit(req, stream=False)
+        with permit:
+            enqueued = time.monotonic()
+            gen = _Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
+            request_id = self._request_id(request)
+            await _run_until_disconnect(request, self._collect(gen, request_id), self.engine, request_id)
+        end = time.monotonic()
+
+        text = gen.generated_text()
+        if _full_text(req.parameters, full_text_default):
+            text = req.inputs + text
+        body: dict[str, Any] = {"generated_text": text}
+        if valid.details:
+            details: dict[str, Any] = {
+                "finish_reason": gen.finish_reason,
+                "generated_tokens": len(gen.ids),
+                "seed": gen.reported_seed(),
+                "prefill": gen.prefill or [],
+                "tokens": [gen.token(i) for i in range(len(gen.ids))],
+            }
+            if valid.top_n_tokens:
+                details["top_tokens"] = gen.top
+            body["details"] = details
+
+        total = end - start
+        validation = enqueued - start
+        queue = min(gen.queue_seconds, max(total - validation, 0.0))
+        inference = max(total - validation - queue, 0.0)
+        n = len(gen.ids)
+        headers = {
+            "x-compute-type": self.compute_type,
+            "x-compute-characters": str(len(req.inputs)),
+            "x-compute-time": f"{total:.6f}",
+            "x-total-time": str(int(total * 1000)),
+            "x-validation-time": str(int(validation * 1000)),
+            "x-queue-time": str(int(queue * 1000)),
+            "x-inference-time": str(int(inference * 1000)),
+            "x-time-per-token": str(int(inference * 1000 / n) if n else 0),
+            "x-prompt-tokens": str(valid.input_length),
+            "x-generated-tokens": str(n),
+        }
+        payload = orjson.dumps([body] if as_list else body)
+        return Response(payload, media_type="application/json", headers=headers)
+
+    async def _collect(self, gen: _Generation, request_id: str) -> None:
+        outputs = self.engine.generate(gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=gen.valid.details), request_id)
+        try:
+            async for out in _engine_outputs(outputs):
+                gen.absorb(out)
+                if gen.finish_reason is not None:
+                    return
+            raise IncompleteGenerationError()
+        finally:
+            await _close(outputs, self.engine, request_id, gen.finish_reason)
+
+    # --- stream ---
+
+    def generate_stream(self, req: GenerateRequest, request: Request, *, full_text_default: bool) -> Response:
+        headers = {
+            "x-compute-type": self.compute_type,
+            "x-compute-characters": str(len(req.inputs)),
+        }
+        return TGIEventStream(self._frames(req, request, full_text_default), headers=headers, keep_alive=self.keep_alive)
+
+    async def _frames(self, req: GenerateRequest, request: Request, full_text_default: bool) -> AsyncIterator[bytes]:
+        try:
+            permit, valid = self._admit(req, stream=True)
+        except TGIError as e:
+            yield e.sse_frame()
+            return
+        with permit:
+            gen = _Generation(valid, self.engine, token_text=True, token_logprobs=True)
+            request_id = self._request_id(request)
+            outputs = self.engine.generate(valid.input_ids, sampling_kwargs(valid, token_logprobs=True), request_id)
+            dumps = orjson.dumps
+            top_n = valid.top_n_tokens
+            sent = 0
+            try:
+                async for out in _engine_outputs(outputs):
+                    gen.absorb(out)
+                    done = gen.finish_reason is not None
+                    if done and not gen.ids:
+                        break
+                    last = len(gen.ids) - 1 if done else len(gen.ids)
+                    frames = []
+                    for i in range(sent, last):
+                        event = {"index": i + 1, "token": gen.token(i)}
+                        if top_n:
+                            event["top_tokens"] = gen.top[i]
+                        event["generated_text"] = None
+                        event["details"] = None
+                        frames.append(b"data:" + dumps(event) + b"\n\n")
+                    sent = max(last, sent)
+                    if done:
+                        frames.append(self._final_frame(gen, req, full_text_default))
+                        sent = len(gen.ids)
+                        yield b"".join(frames)
+                        return
+                    if frames:
+                        # Tokens that arrived together go out in one write, one event each.
+                        yield b"".join(frames)
+                yield IncompleteGenerationStreamError().sse_frame()
+            except TGIError as e:
+                yield e.sse_frame()
+            finally:
+                await _close(outputs, self.engine, request_id, gen.finish_reason)
+
+    def _final_frame(self, gen: _Generation, req: GenerateRequest, full_text_default: bool) -> bytes:
+        i = len(gen.ids) - 1
+        text = gen.generated_text()
+        if _full_text(req.parameters, full_text_default):
+            text = req.inputs + text
+        event: dict[str, Any] = {"index": i + 1, "token": gen.token(i)}
+        if gen.valid.top_n_tokens:
+            event["top_tokens"] = gen.top[i]
+        event["generated_text"] = text
+        event["details"] = (
+            {
+                "finish_reason": gen.finish_reason,
+                "generated_tokens": len(gen.ids),
+                "seed": gen.reported_seed(),
+                "input_length": gen.valid.input_length,
+            }
+            if req.parameters.details
+            else None
+        )
+        return data_frame(orjson.dumps(event))
+
+
+def _full_text(params: GenerateParameters, default: bool) -> bool:
+    return default if params.return_full_text is None else params.return_full_text
+
+
+async def _engine_outputs(outputs: AsyncIterator) -> AsyncIterator:
+    """Engine outputs, with engine-side failures turned into TGI ``generation`` errors."""
+    try:
+        async for out in outputs:
+            yield out
+    except TGIError:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # EngineDeadError, EngineGenerateError, a rejected request...
+        cause = e.__cause__ or e
+        message = str(cause) or type(cause).__name__
+        logger.warning("engine failure: %s: %s", type(cause).__name__, message)
+        raise GenerationError(message) from e
+
+
+async def _close(outputs: AsyncIterator, engine: Engine, request_id: str, finish_reason: str | None) -> None:
+    """Stop the engine request unless it finished: a stop sequence, an error or a disconnect.
+
+    Shielded: on a client disconnect this runs inside a cancelled anyio scope, where
+    any unshielded await would be cancelled again before the abort reaches the engine.
+    """
+    with anyio.move_on_after(10, shield=True):
+        try:
+            await outputs.aclose()
+        finally:
+            if finish_reason not in ("length", "eos_token") and not engine.errored:
+                await engine.abort(request_id)
+
+
+async def _run_until_disconnect(request: Request, work, engine: Engine, request_id: str) -> None:
+    """Run ``work``; if the client goes away first, cancel it (which aborts the engine request).
+
+    Starlette does not cancel a non-stream handler when its client disconnects, so the
+    handler watches the connection itself.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+        watcher.cancel()
+    if task.cancelled():
+        raise asyncio.CancelledError()
+    task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,227 @@
+"""TGI's request validation (router/src/validation.rs), as pure functions.
+
+The order of checks is TGI's, and the first failure wins:
+1. stream-only checks (``check_stream``), 2. ``best_of`` limits (``check_best_of``),
+3. the concurrency permit (taken by the caller), 4. ``validate``.
+Messages are TGI's exactly; ``ValidationError`` adds the ``Input validation error: ``
+prefix.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tgi_compat.errors import ValidationError
+from tgi_compat.tgi.protocol import GenerateParameters
+
+# TGI checks the total length against at most this many new tokens when
+# `max_new_tokens` is absent (it re-queues long generations in chunks of it).
+DEFAULT_GENERATION_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    grammar_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A validated generation: what the engine needs and what the response reports."""
+
+    input_ids: list[int]
+    input_length: int
+    max_new_tokens: int  # what the engine may generate
+    max_new_tokens_checked: int  # TGI's `tgi_request_max_new_tokens` (the checked chunk)
+    sampling: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    frequency_penalty: float
+    seed: int  # always chosen; reported only when sampling
+    stop: tuple[str, ...]
+    top_n_tokens: int
+    details: bool
+    decoder_input_details: bool
+
+
+def check_stream(params: GenerateParameters) -> None:
+    """Checks that apply to streaming routes only; TGI runs them first."""
+    if params.best_of is not None and params.best_of != 1:
+        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    if params.decoder_input_details:
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+
+
+def check_best_of(params: GenerateParameters, limits: Limits) -> int:
+    best_of = params.best_of or 1
+    if best_of > 1:
+        if limits.max_best_of == 1:
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+        if best_of > limits.max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+    return best_of
+
+
+def sampling_requested(p: GenerateParameters) -> bool:
+    """TGI's test for `best_of` (router): any sampling knob was given."""
+    return (
+        p.do_sample
+        or p.temperature is not None
+        or p.top_k is not None
+        or p.top_p is not None
+        or p.typical_p is not None
+    )
+
+
+def validate(
+    inputs: str,
+    p: GenerateParameters,
+    limits: Limits,
+    tokenize: Callable[[str], list[int]],
+) -> ValidRequest:
+    best_of = p.best_of or 1
+    if best_of > 1 and not sampling_requested(p):
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+
+    temperature = 1.0 if p.temperature is None else p.temperature
+    if temperature <= 0.0:
+        raise ValidationError("`temperature` must be strictly positive")
+    repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+    if repetition_penalty <= 0.0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
+    if not -2.0 <= frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    top_p = 1.0
+    if p.top_p is not None:
+        if p.top_p <= 0.0 or p.top_p >= 1.0:
+            raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+        top_p = p.top_p
+    typical_p = 1.0
+    if p.typical_p is not None:
+        if p.typical_p <= 0.0 or p.typical_p >= 1.0:
+            raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+        typical_p = p.typical_p
+    top_k = 0
+    if p.top_k is not None:
+        if p.top_k <= 0:
+            raise ValidationError("`top_k` must be strictly positive")
+        top_k = p.top_k
+    if p.max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if len(p.stop) > limits.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+        )
+    if p.seed is None:
+        seed = random.getrandbits(64)
+    else:
+        if best_of > 1:
+            raise ValidationError("`seed` must not be set when `best_of` > 1")
+        seed = p.seed
+    top_n_tokens = 0
+    if p.top_n_tokens is not None:
+        if p.top_n_tokens > limits.max_top_n_tokens:
+            raise ValidationError(
+                f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {p.top_n_tokens}"
+            )
+        top_n_tokens = p.top_n_tokens
+    if inputs == "":
+        raise ValidationError("`inputs` cannot be empty")
+    if p.truncate is not None and (p.truncate == 0 or p.truncate > limits.max_input_tokens):
+        raise ValidationError(
+            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
+        )
+
+    try:
+        ids = tokenize(inputs)
+    except Exception as e:  # a tokenizer can fail on odd input; TGI reports it as validation
+        raise ValidationError(f"tokenizer error {e}") from e
+    if p.truncate is not None and len(ids) > p.truncate:
+        ids = ids[-p.truncate :]
+    input_length = len(ids)
+
+    remaining = max(limits.max_total_tokens - input_length, 0)
+    if p.max_new_tokens is not None:
+        checked = min(p.max_new_tokens, DEFAULT_GENERATION_CHUNK)
+        max_new_tokens = min(p.max_new_tokens, remaining)
+    else:
+        checked = min(remaining, DEFAULT_GENERATION_CHUNK)
+        max_new_tokens = remaining
+    if input_length + checked > limits.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {checked} `max_new_tokens`"
+        )
+    if input_length > limits.max_input_tokens:
+        raise ValidationError(
+            f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}"
+        )
+
+    if p.grammar is not None and not limits.grammar_enabled:
+        raise ValidationError("grammar is not supported")
+
+    # Parameters TGI accepts that this server does not implement yet: refuse them
+    # clearly rather than silently ignore them.
+    for name, given in (
+        ("best_of", best_of > 1),
+        ("typical_p", p.typical_p is not None),
+        ("watermark", p.watermark),
+        ("grammar", p.grammar is not None),
+        ("adapter_id", p.adapter_id is not None),
+    ):
+        if given:
+            raise ValidationError(f"`{name}` is not supported by this server yet")
+
+    # TGI's shard samples when any knob moves away from its neutral value (§2.2).
+    sampling = p.do_sample or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
+    return ValidRequest(
+        input_ids=ids,
+        input_length=input_length,
+        max_new_tokens=max_new_tokens,
+        max_new_tokens_checked=checked,
+        sampling=sampling,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+        stop=tuple(p.stop),
+        top_n_tokens=top_n_tokens,
+        details=p.details or p.decoder_input_details,
+        decoder_input_details=p.decoder_input_details,
+    )
+
+
+def sampling_kwargs(v: ValidRequest, *, token_logprobs: bool) -> dict:
+    """vLLM ``SamplingParams`` keyword arguments with TGI's semantics.
+
+    Detokenization and stop strings are done by the TGI layer (one event per token
+    with that token's own text; stop strings kept and matched at token boundaries),
+    so the engine only produces token ids.
+    """
+    kw: dict = {
+        "max_tokens": v.max_new_tokens,
+        "repetition_penalty": v.repetition_penalty,
+        "frequency_penalty": v.frequency_penalty,
+        "detokenize": False,
+        "skip_special_tokens": False,
+    }
+    if v.sampling:
+        kw.update(temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, seed=v.seed)
+    else:
+        kw["temperature"] = 0.0  # vLLM samples at 1.0 by default; TGI decodes greedily
+    if token_logprobs or v.top_n_tokens:
+        kw["logprobs"] = v.top_n_tokens
+    if v.decoder_input_details:
+        kw["prompt_logprobs"] = 0
+    return kw
