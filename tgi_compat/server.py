@@ -198,6 +198,22 @@ def create_app(config: Config, engine=None) -> FastAPI:
         body = [{"id": i, "text": t, "start": s, "stop": e} for i, t, s, e in tokens]
         return Response(orjson.dumps(body), media_type="application/json")
 
+    @app.get("/metrics", summary="Prometheus metrics", tags=["Text Generation Inference"])
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import REGISTRY, generate_latest
+
+        state = request.app.state
+        own = (
+            "# HELP tgi_compat_permits_in_use Concurrency permits held by generations in flight.\n"
+            "# TYPE tgi_compat_permits_in_use gauge\n"
+            f"tgi_compat_permits_in_use {state.limiter.in_use}\n"
+            "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
+            "# TYPE tgi_compat_engine_requests gauge\n"
+            f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
+        ).encode()
+        # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
+        return Response(own + generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models", summary="Served models (OpenAI)", tags=["Text Generation Inference"])
     async def models(request: Request) -> Response:
         model_id = request.app.state.info["model_id"]

@@ -1,0 +1,122 @@
+"""Shared fixtures: one real server process (real vLLM engine, tiny model) per configuration.
+
+Set ``TGI_COMPAT_TEST_URL`` to run the end-to-end tests against an already running
+server instead of starting one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 600  # first start compiles the model (~60 s here); later ones hit vLLM's cache
+
+# The configuration every end-to-end test module shares.
+MAX_TOTAL_TOKENS = 1024
+MAX_CONCURRENT_REQUESTS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_name: str = "server"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_dir = Path(os.environ.get("TGI_COMPAT_TEST_LOGS", ROOT / ".test-logs"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{log_name}-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    external = os.environ.get("TGI_COMPAT_TEST_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+    server = ServerProcess(
+        ["--max-total-tokens", str(MAX_TOTAL_TOKENS), "--max-concurrent-requests", str(MAX_CONCURRENT_REQUESTS)],
+        log_name="main",
+    )
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def http(server_url):
+    with httpx.Client(base_url=server_url, timeout=120) as client:
+        yield client
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    text = http.get("/metrics").text
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def wait_idle(http: httpx.Client, timeout: float = 10.0) -> tuple[float, float]:
+    """Wait until no permit is held and the engine has no unfinished request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        permits = metric(http, "tgi_compat_permits_in_use")
+        engine = metric(http, "tgi_compat_engine_requests")
+        if (permits == 0 and engine == 0) or time.monotonic() > deadline:
+            return permits, engine
+        time.sleep(0.05)

@@ -1,0 +1,53 @@
+"""Unit tests of the CLI/env configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+from tgi_compat.config import ConfigError, parse_config
+
+
+def test_defaults_match_tgi():
+    config, _ = parse_config([])
+    assert config.port == 3000 and config.hostname == "0.0.0.0"
+    assert (config.max_stop_sequences, config.max_top_n_tokens, config.max_best_of) == (4, 5, 2)
+    assert config.max_concurrent_requests == 128
+    assert config.payload_limit == 2_000_000
+    assert config.model_id is None
+
+
+def test_env_vars_and_flags(monkeypatch):
+    monkeypatch.setenv("MODEL_ID", "org/model")
+    monkeypatch.setenv("PORT", "80")
+    monkeypatch.setenv("MAX_CONCURRENT_REQUESTS", "7")
+    config, _ = parse_config(["--port", "9000"])
+    assert config.model_id == "org/model"
+    assert config.port == 9000  # the flag wins over the env var
+    assert config.max_concurrent_requests == 7
+
+
+def test_engine_flags_pass_through_and_tgi_mapping():
+    config, _ = parse_config(["--num-shard", "2", "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "8"])
+    assert config.engine_flags == ["--enforce-eager", "--max-num-seqs", "8"]
+    assert config.tgi_engine_flags() == ["--dtype", "bfloat16", "--tensor-parallel-size", "2"]
+
+
+def test_max_total_tokens_sets_engine_context_unless_given():
+    config, _ = parse_config(["--max-total-tokens", "512"])
+    assert config.tgi_engine_flags() == ["--max-model-len", "512"]
+    config, _ = parse_config(["--max-total-tokens", "512", "--max-model-len", "1024"])
+    assert config.tgi_engine_flags() == []
+
+
+def test_rejects_inconsistent_limits():
+    with pytest.raises(ConfigError, match="`max_input_tokens` must be < `max_total_tokens`"):
+        parse_config(["--max-input-tokens", "10", "--max-total-tokens", "10"])
+
+
+def test_engine_args_parse_with_vllm():
+    from tgi_compat.engine import build_engine_args
+
+    config, _ = parse_config(["--num-shard", "1", "--max-num-seqs", "8", "--max-total-tokens", "256"])
+    args = build_engine_args("some/model", config.tgi_engine_flags(), config.engine_flags)
+    assert args.model == "some/model" and args.max_num_seqs == 8
+    assert args.tensor_parallel_size == 1 and args.max_model_len == 256
