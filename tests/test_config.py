@@ -46,8 +46,10 @@ def test_rejects_inconsistent_limits():
 
 def test_engine_args_parse_with_vllm():
     from tgi_compat.engine import build_engine_args
+    from tgi_compat.tiny_model import build_tiny_model
 
+    model = str(build_tiny_model())
     config, _ = parse_config(["--num-shard", "1", "--max-num-seqs", "8", "--max-total-tokens", "256"])
-    args = build_engine_args("some/model", config.tgi_engine_flags(), config.engine_flags)
-    assert args.model == "some/model" and args.max_num_seqs == 8
+    args = build_engine_args(model, config.tgi_engine_flags(), config.engine_flags)
+    assert args.model == model and args.max_num_seqs == 8
     assert args.tensor_parallel_size == 1 and args.max_model_len == 256

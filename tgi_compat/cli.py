@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from tgi_compat.server import run
 
     try:
-        run(config)
+        return run(config)
     except ConfigError as e:
         print(f"tgi-compat: error: {e}", file=sys.stderr)
         return 2
-    return 0

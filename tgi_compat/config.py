@@ -39,6 +39,10 @@ class Config:
     disable_grammar_support: bool = False
     keep_alive_seconds: float = 15.0
     shutdown_timeout: float = 30.0
+    health_stall_timeout: float = 60.0
+    health_probe_timeout: float = 10.0
+    engine_failure_grace: float = 5.0
+    stay_up_on_engine_failure: bool = False
     log_level: str = "info"
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, untouched
 
@@ -105,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--disable-grammar-support", action="store_true", default=_env_bool("DISABLE_GRAMMAR_SUPPORT"), help="Refuse `grammar` (DISABLE_GRAMMAR_SUPPORT).")
     a("--keep-alive-seconds", type=float, default=float(_env("KEEP_ALIVE_SECONDS", 15.0)), help="SSE keep-alive comment after this much silence (KEEP_ALIVE_SECONDS). Default 15.")
     a("--shutdown-timeout", type=float, default=float(_env("SHUTDOWN_TIMEOUT", 30.0)), help="Seconds in-flight requests may run after SIGTERM (SHUTDOWN_TIMEOUT). Default 30.")
+    a("--health-stall-timeout", type=float, default=float(_env("HEALTH_STALL_TIMEOUT", 60.0)),
+      help="/health answers 503 when requests wait and the engine has produced nothing for this long (HEALTH_STALL_TIMEOUT). Default 60.")
+    a("--health-probe-timeout", type=float, default=float(_env("HEALTH_PROBE_TIMEOUT", 10.0)),
+      help="Timeout of the 1-token generation /health runs after a failed generation (HEALTH_PROBE_TIMEOUT). Default 10.")
+    a("--engine-failure-grace", type=float, default=float(_env("ENGINE_FAILURE_GRACE", 5.0)),
+      help="Seconds between the engine dying and the process exiting with status 1 (ENGINE_FAILURE_GRACE). Default 5.")
+    a("--stay-up-on-engine-failure", action="store_true", default=_env_bool("STAY_UP_ON_ENGINE_FAILURE"),
+      help="Keep serving 503s after the engine dies instead of exiting (STAY_UP_ON_ENGINE_FAILURE).")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="Log level (LOG_LEVEL). Default info.")
     return p
 

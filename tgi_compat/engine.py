@@ -80,7 +80,7 @@ class Engine:
         params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
         return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str | list[str]) -> None:
         await self.llm.abort(request_id)
 
     @property
@@ -93,5 +93,5 @@ class Engine:
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()
 
-    def shutdown(self) -> None:
-        self.llm.shutdown()
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self.llm.shutdown(timeout=timeout)

@@ -64,6 +64,17 @@ class GenerationError(TGIError):
         super().__init__(f"Request failed during generation: {message}")
 
 
+class ShuttingDownError(TGIError):
+    """New work refused while draining. ``overloaded`` so that clients back off and retry
+    (huggingface_hub raises ``OverloadedError``), with 503 as for an unavailable server."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+    def __init__(self, message: str = "Server is shutting down"):
+        super().__init__(message)
+
+
 class IncompleteGenerationError(TGIError):
     status_code = 500
     error_type = "incomplete_generation"

@@ -19,6 +19,7 @@ from tgi_compat.admission import ConcurrencyLimiter
 from tgi_compat.body import parse_json_body
 from tgi_compat.config import Config, ConfigError
 from tgi_compat.errors import BodyError, TGIError, UnhealthyError
+from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.middleware import PayloadLimitMiddleware
 from tgi_compat.tgi.api_router import build_router
 from tgi_compat.tgi.protocol import ErrorResponse, GenerateRequest, Info
@@ -67,6 +68,13 @@ def _git_sha() -> str | None:
 def create_app(config: Config, engine=None) -> FastAPI:
     """The ASGI app. The engine is built in the lifespan, so the port opens only once
     it is ready (TGI's router likewise starts only after the model is warmed up)."""
+    lifecycle = Lifecycle(
+        shutdown_timeout=config.shutdown_timeout,
+        stall_timeout=config.health_stall_timeout,
+        probe_timeout=config.health_probe_timeout,
+        engine_failure_grace=config.engine_failure_grace,
+        stay_up_on_engine_failure=config.stay_up_on_engine_failure,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,7 +97,8 @@ def create_app(config: Config, engine=None) -> FastAPI:
         limiter = ConcurrencyLimiter(config.max_concurrent_requests)
         app.state.engine = engine
         app.state.limiter = limiter
-        app.state.tgi = TGIServing(engine, limiter, limits, keep_alive=config.keep_alive_seconds)
+        app.state.tgi = TGIServing(engine, limiter, limits, lifecycle, keep_alive=config.keep_alive_seconds)
+        lifecycle.start(engine)
         model_id = config.model_id or engine.engine_args.model
         app.state.info = {
             "model_id": model_id,
@@ -116,8 +125,12 @@ def create_app(config: Config, engine=None) -> FastAPI:
         try:
             yield
         finally:
+            await lifecycle.stop()
             if owned:
-                engine.shutdown()
+                try:
+                    engine.shutdown()
+                except Exception:  # a dead engine may fail to shut down cleanly
+                    logger.exception("engine shutdown failed")
 
     app = FastAPI(
         title="tgi-compat",
@@ -166,14 +179,11 @@ def create_app(config: Config, engine=None) -> FastAPI:
     }
 
     async def health(request: Request) -> Response:
-        engine = request.app.state.engine
-        if engine.errored:
-            return UnhealthyError().response()
-        try:
-            await engine.check_health()
-        except Exception:
-            return UnhealthyError().response()
-        return Response(status_code=200)
+        problem = await lifecycle.health_problem(request.app.state.engine)
+        if problem is None:
+            return Response(status_code=200)
+        # TGI's body is fixed; the reason goes to the log and a header.
+        return UnhealthyError().response(headers={"x-health-problem": problem})
 
     for path in ("/health", "/ping"):
         app.add_api_route(path, health, methods=["GET"], summary="Health check", responses=health_responses, tags=["Text Generation Inference"])
@@ -220,6 +230,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
         body = {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
         return Response(orjson.dumps(body), media_type="application/json")
 
+    app.state.lifecycle = lifecycle
     openapi.install(app)
     app.add_middleware(
         CORSMiddleware,
@@ -245,16 +256,30 @@ def bind_host(hostname: str) -> str:
         return "0.0.0.0"
 
 
-def run(config: Config) -> None:
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1)."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
-    uvicorn.run(
-        create_app(config),
-        host=bind_host(config.hostname),
-        port=config.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=config.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(config.shutdown_timeout),
+    # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
+    # (Lifecycle ends what is left after --shutdown-timeout with an error event).
+    AppStatus.disable_automatic_graceful_drain()
+    app = create_app(config)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=bind_host(config.hostname),
+            port=config.port,
+            loop="uvloop",
+            http="httptools",
+            log_level=config.log_level,
+            access_log=False,
+            # Our drain ends streams after shutdown_timeout; uvicorn's limit is a backstop.
+            timeout_graceful_shutdown=int(config.shutdown_timeout) + 10,
+        ),
+        app.state.lifecycle,
     )
+    server.run()
+    if not server.started and server.lifecycle.exit_code == 0:
+        return 3  # start-up failed (uvicorn logged why)
+    return server.lifecycle.exit_code

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -28,8 +29,10 @@ from tgi_compat.errors import (
     GenerationError,
     IncompleteGenerationError,
     IncompleteGenerationStreamError,
+    ShuttingDownError,
     TGIError,
 )
+from tgi_compat.lifecycle import Lifecycle
 from tgi_compat.sse import TGIEventStream, data_frame
 from tgi_compat.tgi.protocol import GenerateParameters, GenerateRequest
 from tgi_compat.tgi.validation import (
@@ -57,7 +60,7 @@ class _Generation:
     __slots__ = (
         "valid", "tok", "special", "ids", "texts", "logprobs", "top", "prefill",
         "finish_reason", "_stream", "_stops", "_stop_window", "_tail", "_want_lp",
-        "queue_seconds",
+        "queue_seconds", "abort_reason",
     )
 
     def __init__(self, valid: ValidRequest, engine: Engine, *, token_text: bool, token_logprobs: bool):
@@ -78,6 +81,7 @@ class _Generation:
         self._tail = ""
         self._want_lp = token_logprobs
         self.queue_seconds = 0.0
+        self.abort_reason: str | None = None  # set when the server aborts the request
 
     def absorb(self, out: Any) -> None:
         """Take one delta ``RequestOutput``; sets ``finish_reason`` when the request is done."""
@@ -112,8 +116,8 @@ class _Generation:
             elif reason == "stop":
                 # vLLM checks EOS before the length cap; TGI checks length first.
                 self.finish_reason = "length" if len(self.ids) >= self.valid.max_new_tokens else "eos_token"
-            else:  # "abort" or anything unexpected: the engine gave up on the request
-                raise GenerationError(f"the engine ended the request ({reason})")
+            else:  # "abort" or anything unexpected: the request was ended early
+                raise GenerationError(self.abort_reason or f"the engine ended the request ({reason})")
             metrics = out.metrics
             if metrics is not None and metrics.scheduled_ts and metrics.queued_ts:
                 self.queue_seconds = max(metrics.scheduled_ts - metrics.queued_ts, 0.0)
@@ -151,10 +155,18 @@ class _Generation:
 
 
 class TGIServing:
-    def __init__(self, engine: Engine, limiter: ConcurrencyLimiter, limits: Limits, keep_alive: float = 15.0):
+    def __init__(
+        self,
+        engine: Engine,
+        limiter: ConcurrencyLimiter,
+        limits: Limits,
+        lifecycle: Lifecycle,
+        keep_alive: float = 15.0,
+    ):
         self.engine = engine
         self.limiter = limiter
         self.limits = limits
+        self.lifecycle = lifecycle
         self.keep_alive = keep_alive
         self.compute_type = compute_type()
 
@@ -162,6 +174,10 @@ class TGIServing:
 
     def _admit(self, req: GenerateRequest, *, stream: bool) -> tuple[Permit, ValidRequest]:
         params = req.parameters
+        if self.lifecycle.draining:
+            raise ShuttingDownError()
+        if self.lifecycle.engine_dead:
+            raise GenerationError("the engine is not running")
         if stream:
             check_stream(params)
         best_of = 1 if stream else check_best_of(params, self.limits)
@@ -186,8 +202,8 @@ class TGIServing:
         with permit:
             enqueued = time.monotonic()
             gen = _Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
-            request_id = self._request_id(request)
-            await _run_until_disconnect(request, self._collect(gen, request_id), self.engine, request_id)
+            if await _run_until_disconnect(request, self._collect(gen, self._request_id(request))):
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         end = time.monotonic()
 
         text = gen.generated_text()
@@ -227,14 +243,40 @@ class TGIServing:
         return Response(payload, media_type="application/json", headers=headers)
 
     async def _collect(self, gen: _Generation, request_id: str) -> None:
-        outputs = self.engine.generate(gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=gen.valid.details), request_id)
+        async with aclosing(self._drive(gen, request_id, token_logprobs=gen.valid.details)) as steps:
+            async for _ in steps:
+                pass
+        if gen.finish_reason is None:
+            raise IncompleteGenerationError()
+
+    async def _drive(self, gen: _Generation, request_id: str, *, token_logprobs: bool) -> AsyncIterator[None]:
+        """Feed engine outputs into ``gen``, yielding after each, until it finishes.
+
+        Ends early (without ``finish_reason``) if the engine's stream ends first. The
+        engine request is aborted on every exit but a natural finish.
+        """
+        life = self.lifecycle
+        life.register(request_id, gen)
+        outputs = self.engine.generate(gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=token_logprobs), request_id)
         try:
-            async for out in _engine_outputs(outputs):
+            async for out in outputs:
+                life.last_progress = time.monotonic()
                 gen.absorb(out)
+                yield
                 if gen.finish_reason is not None:
                     return
-            raise IncompleteGenerationError()
+        except TGIError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # EngineDeadError, EngineGenerateError, a rejected request...
+            life.generation_healthy = False
+            cause = e.__cause__ or e
+            message = str(cause) or type(cause).__name__
+            logger.warning("engine failure on %s: %s: %s", request_id, type(cause).__name__, message)
+            raise GenerationError(message) from e
         finally:
+            life.unregister(request_id)
             await _close(outputs, self.engine, request_id, gen.finish_reason)
 
     # --- stream ---
@@ -255,39 +297,36 @@ class TGIServing:
         with permit:
             gen = _Generation(valid, self.engine, token_text=True, token_logprobs=True)
             request_id = self._request_id(request)
-            outputs = self.engine.generate(valid.input_ids, sampling_kwargs(valid, token_logprobs=True), request_id)
             dumps = orjson.dumps
             top_n = valid.top_n_tokens
             sent = 0
             try:
-                async for out in _engine_outputs(outputs):
-                    gen.absorb(out)
-                    done = gen.finish_reason is not None
-                    if done and not gen.ids:
-                        break
-                    last = len(gen.ids) - 1 if done else len(gen.ids)
-                    frames = []
-                    for i in range(sent, last):
-                        event = {"index": i + 1, "token": gen.token(i)}
-                        if top_n:
-                            event["top_tokens"] = gen.top[i]
-                        event["generated_text"] = None
-                        event["details"] = None
-                        frames.append(b"data:" + dumps(event) + b"\n\n")
-                    sent = max(last, sent)
-                    if done:
-                        frames.append(self._final_frame(gen, req, full_text_default))
-                        sent = len(gen.ids)
-                        yield b"".join(frames)
-                        return
-                    if frames:
-                        # Tokens that arrived together go out in one write, one event each.
-                        yield b"".join(frames)
+                # aclosing: the driver's cleanup (abort, unregister) runs when we return.
+                async with aclosing(self._drive(gen, request_id, token_logprobs=True)) as steps:
+                    async for _ in steps:
+                        done = gen.finish_reason is not None
+                        if done and not gen.ids:
+                            break
+                        last = len(gen.ids) - 1 if done else len(gen.ids)
+                        frames = []
+                        for i in range(sent, last):
+                            event = {"index": i + 1, "token": gen.token(i)}
+                            if top_n:
+                                event["top_tokens"] = gen.top[i]
+                            event["generated_text"] = None
+                            event["details"] = None
+                            frames.append(b"data:" + dumps(event) + b"\n\n")
+                        sent = max(last, sent)
+                        if done:
+                            frames.append(self._final_frame(gen, req, full_text_default))
+                            yield b"".join(frames)
+                            return
+                        if frames:
+                            # Tokens that arrived together go out in one write, one event each.
+                            yield b"".join(frames)
                 yield IncompleteGenerationStreamError().sse_frame()
             except TGIError as e:
                 yield e.sse_frame()
-            finally:
-                await _close(outputs, self.engine, request_id, gen.finish_reason)
 
     def _final_frame(self, gen: _Generation, req: GenerateRequest, full_text_default: bool) -> bytes:
         i = len(gen.ids) - 1
@@ -315,22 +354,6 @@ def _full_text(params: GenerateParameters, default: bool) -> bool:
     return default if params.return_full_text is None else params.return_full_text
 
 
-async def _engine_outputs(outputs: AsyncIterator) -> AsyncIterator:
-    """Engine outputs, with engine-side failures turned into TGI ``generation`` errors."""
-    try:
-        async for out in outputs:
-            yield out
-    except TGIError:
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # EngineDeadError, EngineGenerateError, a rejected request...
-        cause = e.__cause__ or e
-        message = str(cause) or type(cause).__name__
-        logger.warning("engine failure: %s: %s", type(cause).__name__, message)
-        raise GenerationError(message) from e
-
-
 async def _close(outputs: AsyncIterator, engine: Engine, request_id: str, finish_reason: str | None) -> None:
     """Stop the engine request unless it finished: a stop sequence, an error or a disconnect.
 
@@ -345,8 +368,9 @@ async def _close(outputs: AsyncIterator, engine: Engine, request_id: str, finish
                 await engine.abort(request_id)
 
 
-async def _run_until_disconnect(request: Request, work, engine: Engine, request_id: str) -> None:
-    """Run ``work``; if the client goes away first, cancel it (which aborts the engine request).
+async def _run_until_disconnect(request: Request, work) -> bool:
+    """Run ``work``; if the client goes away first, cancel it (which aborts the engine
+    request) and return True.
 
     Starlette does not cancel a non-stream handler when its client disconnects, so the
     handler watches the connection itself.
@@ -364,8 +388,9 @@ async def _run_until_disconnect(request: Request, work, engine: Engine, request_
                 pass
         watcher.cancel()
     if task.cancelled():
-        raise asyncio.CancelledError()
+        return True
     task.result()
+    return False
 
 
 async def _wait_disconnect(request: Request) -> None:
