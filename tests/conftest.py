@@ -111,6 +111,13 @@ def metric(http: httpx.Client, name: str) -> float:
     return float(m.group(1))
 
 
+def generated_tokens(http: httpx.Client) -> float:
+    """vLLM's own count of tokens the engine generated (every request, aborted ones too)."""
+    m = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", http.get("/metrics").text, re.M)
+    assert m, "vllm:generation_tokens_total not in /metrics"
+    return float(m.group(1))
+
+
 def wait_idle(http: httpx.Client, timeout: float = 10.0) -> tuple[float, float]:
     """Wait until no permit is held and the engine has no unfinished request."""
     deadline = time.monotonic() + timeout

@@ -166,3 +166,9 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.lifecycle.begin_drain()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets=sockets)
+        # uvicorn re-raises the captured SIGTERM after serving, which would end the
+        # process with -15; a completed drain is a clean exit (status 0), as in TGI.
+        self._captured_signals.clear()
