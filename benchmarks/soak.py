@@ -1,0 +1,257 @@
+"""Bounded load-and-soak run against tgi-compat: far over its cap, with a mix of streams,
+non-streams, client disconnects and bad requests.
+
+    python benchmarks/soak.py --requests 10000 --cap 16 --multiplier 10
+    python benchmarks/soak.py --url http://127.0.0.1:8080 --cap 128 --duration 60
+
+Without ``--url`` it starts its own server (the embedded tiny model) with
+``--max-concurrent-requests CAP``. Loopback only; it stops by itself after ``--requests``
+requests or ``--duration`` seconds, whichever comes first. It prints what it sent and
+how each ended, server errors (5xx: must be 0), leaked concurrency slots and unfinished
+engine requests after the run (must be 0), and the server's RSS before and after.
+Exit status 1 if any of the must-be-zero figures is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERLOADED = b'"error_type":"overloaded"'
+
+BAD_BODIES: list[tuple[bytes, dict]] = [
+    (b'{"inputs":', {"content-type": "application/json"}),
+    (b'{"inputs": 5}', {"content-type": "application/json"}),
+    (b'{"inputs":"a"}', {"content-type": "text/plain"}),
+    (b'{"inputs":"a","parameters":{"temperature":0}}', {"content-type": "application/json"}),
+    (b'{"inputs":"","parameters":{}}', {"content-type": "application/json"}),
+    (b'{"inputs":"a","parameters":{"top_n_tokens":99}}', {"content-type": "application/json"}),
+    (b'{"inputs":"a","parameters":{"max_new_tokens":-3}}', {"content-type": "application/json"}),
+    (b"\xff\xfe\x00garbage", {"content-type": "application/json"}),
+    (b"[" * 3000, {"content-type": "application/json"}),
+    (b'{"inputs":"a","parameters":{"max_new_tokens":100000000}}', {"content-type": "application/json"}),
+]
+
+
+def _prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(["the", "cheese", "model", "Köln", "日本", "stream", "token", "why"]) for _ in range(rng.randint(1, 30)))
+
+
+class Soak:
+    def __init__(self, url: str, requests: int, duration: float, concurrency: int, seed: int):
+        self.url = url.rstrip("/")
+        u = urlparse(self.url)
+        self.host, self.port = u.hostname, u.port
+        self.remaining = requests
+        self.deadline = time.monotonic() + duration
+        self.concurrency = concurrency
+        self.rng = random.Random(seed)
+        self.counts: Counter[str] = Counter()
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits) as client:
+            await asyncio.gather(*[self._worker(client) for _ in range(self.concurrency)])
+
+    async def _worker(self, client: httpx.AsyncClient) -> None:
+        while self.remaining > 0 and time.monotonic() < self.deadline:
+            self.remaining -= 1
+            self.counts["sent"] += 1
+            kind = self.rng.choices(["stream", "generate", "stream_drop", "generate_drop", "bad"], [40, 30, 10, 5, 15])[0]
+            try:
+                await getattr(self, "_" + kind)(client)
+            except (httpx.HTTPError, OSError) as e:
+                self.counts[f"transport error: {type(e).__name__}"] += 1
+
+    def _body(self) -> dict:
+        params = {"max_new_tokens": self.rng.randint(1, 48), "details": self.rng.random() < 0.5}
+        if self.rng.random() < 0.5:
+            params.update(do_sample=True, seed=self.rng.randint(0, 2**32))
+        return {"inputs": _prompt(self.rng), "parameters": params}
+
+    def _status(self, status: int) -> None:
+        if status >= 500:
+            self.counts["5xx"] += 1
+
+    async def _stream(self, client: httpx.AsyncClient) -> None:
+        r = await client.post("/generate_stream", json=self._body())
+        self._status(r.status_code)
+        last = r.content.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        if OVERLOADED in last:
+            self.counts["rejected: overloaded"] += 1
+        elif last.startswith(b"data:") and json.loads(last[5:]).get("generated_text") is not None:
+            self.counts["completed"] += 1
+        else:
+            self.counts[f"other error: {last[:80]!r}"] += 1
+
+    async def _generate(self, client: httpx.AsyncClient) -> None:
+        r = await client.post("/generate", json=self._body())
+        self._status(r.status_code)
+        if r.status_code == 200:
+            self.counts["completed"] += 1
+        elif r.status_code == 429:
+            self.counts["rejected: overloaded"] += 1
+        else:
+            self.counts[f"other error: {r.status_code}"] += 1
+
+    async def _drop(self, path: str, read_first: bool) -> None:
+        body = json.dumps({"inputs": _prompt(self.rng), "parameters": {"max_new_tokens": 400}}).encode()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+            if read_first:
+                head = await reader.read(64)
+                if head.startswith(b"HTTP/1.1 5"):
+                    self.counts["5xx"] += 1
+            else:
+                await asyncio.sleep(self.rng.uniform(0.0, 0.2))
+        finally:
+            writer.transport.abort()
+        self.counts["disconnected by client"] += 1
+
+    async def _stream_drop(self, client: httpx.AsyncClient) -> None:
+        await self._drop("/generate_stream", read_first=True)
+
+    async def _generate_drop(self, client: httpx.AsyncClient) -> None:
+        await self._drop("/generate", read_first=False)
+
+    async def _bad(self, client: httpx.AsyncClient) -> None:
+        content, headers = self.rng.choice(BAD_BODIES)
+        path = self.rng.choice(["/generate", "/generate_stream", "/"])
+        r = await client.post(path, content=content, headers=headers)
+        self._status(r.status_code)
+        if 400 <= r.status_code < 500 or b'"error_type":"validation"' in r.content:
+            self.counts["bad request answered 4xx/validation"] += 1
+        elif OVERLOADED in r.content:
+            self.counts["rejected: overloaded"] += 1
+        else:
+            self.counts[f"bad request answered {r.status_code}"] += 1
+
+
+def _gauge(url: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", httpx.get(url + "/metrics", timeout=10).text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+def _rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def _start_server(cap: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(ROOT / f".soak-server-{port}.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
+         "--max-concurrent-requests", str(cap), "--max-total-tokens", "1024"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("server did not become ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (loopback); default: start one")
+    ap.add_argument("--pid", type=int, help="the running server's pid, for RSS (with --url)")
+    ap.add_argument("--cap", type=int, default=16, help="the server's --max-concurrent-requests")
+    ap.add_argument("--multiplier", type=int, default=10, help="concurrent clients = cap x this")
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--duration", type=float, default=600.0, help="stop after this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    proc = None
+    if args.url:
+        host = urlparse(args.url).hostname
+        if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+            raise SystemExit("soak runs against loopback only")
+        url, pid = args.url, args.pid
+    else:
+        proc, url = _start_server(args.cap)
+        pid = proc.pid
+    try:
+        rss_before = _rss_mb(pid) if pid else float("nan")
+        soak = Soak(url, args.requests, args.duration, args.cap * args.multiplier, args.seed)
+        start = time.monotonic()
+        asyncio.run(soak.run())
+        elapsed = time.monotonic() - start
+        # Let aborted requests settle, then count what is still held.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            leaked, engine = _gauge(url, "tgi_compat_permits_in_use"), _gauge(url, "tgi_compat_engine_requests")
+            if leaked == 0 and engine == 0:
+                break
+            time.sleep(0.2)
+        rss_after = _rss_mb(pid) if pid else float("nan")
+        healthy = httpx.get(url + "/health", timeout=10).status_code == 200
+        c = soak.counts
+        other = sum(v for k, v in c.items() if k.startswith(("other error", "transport error", "bad request answered 5")))
+        figures = {
+            "sent": c["sent"],
+            "completed": c["completed"],
+            "rejected_overloaded": c["rejected: overloaded"],
+            "bad_requests_answered_4xx": c["bad request answered 4xx/validation"],
+            "disconnected_by_client": c["disconnected by client"],
+            "other_errors": other,
+            "5xx": c["5xx"],
+            "leaked_slots": leaked,
+            "engine_requests_left": engine,
+            "healthy_after": healthy,
+            "rss_mb_before": round(rss_before, 1),
+            "rss_mb_after": round(rss_after, 1),
+            "concurrency": soak.concurrency,
+            "seconds": round(elapsed, 1),
+            "requests_per_second": round(c["sent"] / elapsed, 1),
+            "detail": {k: v for k, v in c.items() if k.startswith(("other", "transport", "bad request answered"))},
+        }
+        for key, value in figures.items():
+            print(f"{key:28} {value}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        ok = figures["5xx"] == 0 and leaked == 0 and engine == 0 and healthy
+        return 0 if ok else 1
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

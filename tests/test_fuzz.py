@@ -1,0 +1,137 @@
+"""Hostile input against the real server: property-based bodies (hypothesis) and
+schemathesis over the server's own OpenAPI. Whatever arrives, the answer is one of TGI's
+statuses in one of TGI's shapes, never a 5xx, and normal requests keep working."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+
+from tests.conftest import wait_idle
+
+STATS = {"cases": 0, "5xx": 0}
+ERROR_TYPES = {"validation", "overloaded", "generation", "incomplete_generation", "incomplete_generation_stream"}
+BODY_ERROR_PREFIXES = (
+    "Expected request with `Content-Type: application/json`",
+    "Failed to parse the request body as JSON: ",
+    "Failed to deserialize the JSON body into the target type: ",
+    "Failed to buffer the request body",
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def field(valid):
+    """A parameter value: usually plausible, sometimes any JSON at all."""
+    return st.one_of(valid, valid, json_values)
+
+
+parameters = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_new_tokens": field(st.integers(min_value=0, max_value=12)),
+        "temperature": field(st.floats(min_value=-1, max_value=3, allow_nan=False)),
+        "top_k": field(st.integers(min_value=-2, max_value=50)),
+        "top_p": field(st.floats(min_value=-0.5, max_value=1.5, allow_nan=False)),
+        "typical_p": field(st.floats(min_value=0.0, max_value=1.0)),
+        "repetition_penalty": field(st.floats(min_value=-1, max_value=3, allow_nan=False)),
+        "frequency_penalty": field(st.floats(min_value=-3, max_value=3, allow_nan=False)),
+        "do_sample": field(st.booleans()),
+        "seed": field(st.integers(min_value=0, max_value=2**64 - 1)),
+        "stop": field(st.lists(st.text(max_size=5), max_size=6)),
+        "details": field(st.booleans()),
+        "decoder_input_details": field(st.booleans()),
+        "top_n_tokens": field(st.integers(min_value=0, max_value=8)),
+        "truncate": field(st.integers(min_value=0, max_value=2000)),
+        "return_full_text": field(st.booleans()),
+        "best_of": field(st.integers(min_value=0, max_value=3)),
+        "watermark": field(st.booleans()),
+        "grammar": field(st.fixed_dictionaries({"type": st.sampled_from(["json", "regex", "x"]), "value": json_values})),
+        "adapter_id": field(st.text(max_size=5)),
+    },
+)
+
+plausible = st.fixed_dictionaries(
+    {"inputs": st.text(max_size=60)},
+    optional={"parameters": parameters.map(lambda p: {**p, "max_new_tokens": p.get("max_new_tokens", 8)}), "stream": st.booleans()},
+).map(lambda d: json.dumps(d).encode())
+
+broken = st.one_of(
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=200),
+    plausible.map(lambda b: b[: len(b) // 2]),
+    st.integers(min_value=1, max_value=400).map(lambda n: b"[" * n + b"]" * n),
+)
+
+
+def check_response(r: httpx.Response, stream_like: bool) -> None:
+    STATS["cases"] += 1
+    if r.status_code >= 500:
+        STATS["5xx"] += 1
+    assert r.status_code in {200, 400, 413, 415, 422, 424, 429}, (r.status_code, r.text[:300])
+    ctype = r.headers.get("content-type", "")
+    if r.status_code == 200:
+        if ctype == "text/event-stream":
+            events = r.content.rstrip(b"\n").split(b"\n\n")
+            for e in events:
+                assert e.startswith(b"data:{"), e[:100]
+            last = json.loads(events[-1][5:])
+            assert "generated_text" in last or (set(last) == {"error", "error_type"} and last["error_type"] in ERROR_TYPES), last
+        else:
+            body = r.json()
+            assert isinstance(body, (dict, list))
+    elif ctype == "application/json":
+        body = r.json()
+        assert set(body) == {"error", "error_type"} and body["error_type"] in ERROR_TYPES, body
+    else:
+        assert r.text.startswith(BODY_ERROR_PREFIXES), r.text[:200]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(body=st.one_of(plausible, plausible, broken), path=st.sampled_from(["/generate", "/generate_stream", "/", "/tokenize"]),
+       ctype=st.sampled_from(["application/json", "application/json", "application/json; charset=utf-8", "text/plain", None]))
+def test_fuzzed_bodies(http, body, path, ctype):
+    headers = {"content-type": ctype} if ctype else {}
+    r = http.post(path, content=body, headers=headers)
+    check_response(r, path != "/generate")
+
+
+def test_fuzz_summary_and_server_still_serves(http):
+    print(f"\nfuzz: {STATS['cases']} bodies, {STATS['5xx']} answered 5xx")
+    assert STATS["cases"] >= 250 and STATS["5xx"] == 0
+    assert wait_idle(http, timeout=30) == (0, 0)
+    r = http.post("/generate", json={"inputs": "still fine?", "parameters": {"max_new_tokens": 4, "details": True}})
+    assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 4
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(server_url):
+    return schemathesis.openapi.from_url(f"{server_url}/api-doc/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("openapi_schema")
+SCHEMATHESIS = {"cases": 0}
+
+
+@schema.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_schemathesis(case, server_url):
+    if case.body is not None and isinstance(case.body, dict):
+        params = case.body.get("parameters")
+        if isinstance(params, dict) and isinstance(params.get("max_new_tokens"), int):
+            params["max_new_tokens"] = min(params["max_new_tokens"], 16)  # keep generations short
+        elif isinstance(params, dict):
+            params["max_new_tokens"] = 8
+    SCHEMATHESIS["cases"] += 1
+    case.call_and_validate(base_url=server_url, checks=[not_a_server_error], timeout=120)
