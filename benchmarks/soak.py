@@ -80,7 +80,7 @@ class Soak:
                 self.counts[f"transport error: {type(e).__name__}"] += 1
 
     def _body(self) -> dict:
-        params = {"max_new_tokens": self.rng.randint(1, 48), "details": self.rng.random() < 0.5}
+        params = {"max_new_tokens": self.rng.randint(1, 16), "details": self.rng.random() < 0.5}
         if self.rng.random() < 0.5:
             params.update(do_sample=True, seed=self.rng.randint(0, 2**32))
         return {"inputs": _prompt(self.rng), "parameters": params}

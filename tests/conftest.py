@@ -81,21 +81,72 @@ class ServerProcess:
         return self.proc.returncode
 
 
+class OTLPCollector:
+    """A minimal OTLP/gRPC trace receiver: keeps every span it is sent."""
+
+    def __init__(self):
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        collector = self
+        self.spans: list = []
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for resource_spans in request.resource_spans:
+                    attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for span in scope_spans.spans:
+                            collector.spans.append((attrs, span))
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.port = free_port()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+
 @pytest.fixture(scope="session")
-def server_url():
+def otlp_collector():
+    collector = OTLPCollector()
+    yield collector
+    collector.server.stop(0)
+
+
+class MainServer:
+    def __init__(self, url: str, log_path: Path | None):
+        self.url = url
+        self.log_path = log_path
+
+
+@pytest.fixture(scope="session")
+def main_server(otlp_collector):
     external = os.environ.get("TGI_COMPAT_TEST_URL")
     if external:
-        yield external.rstrip("/")
+        yield MainServer(external.rstrip("/"), None)
         return
     server = ServerProcess(
-        ["--max-total-tokens", str(MAX_TOTAL_TOKENS), "--max-concurrent-requests", str(MAX_CONCURRENT_REQUESTS)],
+        [
+            "--max-total-tokens", str(MAX_TOTAL_TOKENS),
+            "--max-concurrent-requests", str(MAX_CONCURRENT_REQUESTS),
+            "--otlp-endpoint", otlp_collector.endpoint,
+        ],
         log_name="main",
     )
     try:
         server.wait_ready()
-        yield server.url
+        yield MainServer(server.url, server.log_path)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_url(main_server):
+    return main_server.url
 
 
 @pytest.fixture(scope="session")

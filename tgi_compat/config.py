@@ -44,6 +44,8 @@ class Config:
     engine_failure_grace: float = 5.0
     stay_up_on_engine_failure: bool = False
     log_level: str = "info"
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, untouched
 
     def tgi_engine_flags(self) -> list[str]:
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="Seconds between the engine dying and the process exiting with status 1 (ENGINE_FAILURE_GRACE). Default 5.")
     a("--stay-up-on-engine-failure", action="store_true", default=_env_bool("STAY_UP_ON_ENGINE_FAILURE"),
       help="Keep serving 503s after the engine dies instead of exiting (STAY_UP_ON_ENGINE_FAILURE).")
+    a("--otlp-endpoint", default=_env("OTLP_ENDPOINT"), help="OTLP/gRPC endpoint for request traces, e.g. http://127.0.0.1:4317 (OTLP_ENDPOINT).")
+    a("--otlp-service-name", default=_env("OTLP_SERVICE_NAME", "text-generation-inference.router"), help="Service name of the traces (OTLP_SERVICE_NAME).")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="Log level (LOG_LEVEL). Default info.")
     return p
 

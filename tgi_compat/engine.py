@@ -52,6 +52,28 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def _step_logger_factory(engine: Engine):
+    """A vLLM stat logger that hands each engine step's statistics to ``engine.on_step``.
+
+    vLLM keeps its own loggers (and its Prometheus metrics) beside this one.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class StepLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine = engine
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            callback = self.engine.on_step
+            if callback is not None:
+                callback(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self):
+            pass
+
+    return StepLogger
+
+
 class Engine:
     """A running vLLM ``AsyncLLM`` and the served model's tokenizer."""
 
@@ -60,9 +82,13 @@ class Engine:
         from vllm import AsyncLLMEngine
 
         self.engine_args = engine_args
-        self.llm = AsyncLLMEngine.from_engine_args(engine_args)
+        # Called once per engine step with vLLM's (scheduler_stats, iteration_stats).
+        self.on_step = None
+        self.llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[_step_logger_factory(self)])
         model_config = self.llm.model_config
         self.max_model_len: int = model_config.max_model_len
+        cache = self.llm.vllm_config.cache_config
+        self.kv_capacity_tokens: int = (cache.num_gpu_blocks or 0) * cache.block_size
         self.tokenizer = Tokenizer(
             AutoTokenizer.from_pretrained(
                 engine_args.tokenizer or engine_args.model,

@@ -20,6 +20,7 @@ from tgi_compat.body import parse_json_body
 from tgi_compat.config import Config, ConfigError
 from tgi_compat.errors import BodyError, TGIError, UnhealthyError
 from tgi_compat.lifecycle import Lifecycle, Server
+from tgi_compat.metrics import TGIMetrics
 from tgi_compat.middleware import PayloadLimitMiddleware
 from tgi_compat.tgi.api_router import build_router
 from tgi_compat.tgi.protocol import ErrorResponse, GenerateRequest, Info
@@ -97,7 +98,18 @@ def create_app(config: Config, engine=None) -> FastAPI:
         limiter = ConcurrencyLimiter(config.max_concurrent_requests)
         app.state.engine = engine
         app.state.limiter = limiter
-        app.state.tgi = TGIServing(engine, limiter, limits, lifecycle, keep_alive=config.keep_alive_seconds)
+        metrics = TGIMetrics(max_input, max_total)
+        metrics.batch_max_total_tokens.set(engine.kv_capacity_tokens)
+        engine.on_step = lambda sched, it: metrics.engine_step(sched, it, engine.kv_capacity_tokens)
+        app.state.metrics = metrics
+        tracer = None
+        if config.otlp_endpoint:
+            from tgi_compat.tracing import Tracer
+
+            tracer = Tracer(config.otlp_endpoint, config.otlp_service_name)
+        app.state.tgi = TGIServing(
+            engine, limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer
+        )
         lifecycle.start(engine)
         model_id = config.model_id or engine.engine_args.model
         app.state.info = {
@@ -126,6 +138,8 @@ def create_app(config: Config, engine=None) -> FastAPI:
             yield
         finally:
             await lifecycle.stop()
+            if tracer is not None:
+                tracer.shutdown()
             if owned:
                 try:
                     engine.shutdown()
@@ -213,6 +227,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
         from prometheus_client import REGISTRY, generate_latest
 
         state = request.app.state
+        tgi = state.metrics.render()
         own = (
             "# HELP tgi_compat_permits_in_use Concurrency permits held by generations in flight.\n"
             "# TYPE tgi_compat_permits_in_use gauge\n"
@@ -222,7 +237,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
             f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
         ).encode()
         # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
-        return Response(own + generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")
+        return Response(tgi + b"\n" + own + generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", summary="Served models (OpenAI)", tags=["Text Generation Inference"])
     async def models(request: Request) -> Response:
@@ -256,7 +271,7 @@ def bind_host(hostname: str) -> str:
         return "0.0.0.0"
 
 
-def run(config: Config) -> int:
+def run(config: Config, log_config: dict | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1)."""
     import uvicorn
     from sse_starlette.sse import AppStatus
@@ -273,6 +288,7 @@ def run(config: Config) -> int:
             loop="uvloop",
             http="httptools",
             log_level=config.log_level,
+            log_config=log_config,
             access_log=False,
             # Our drain ends streams after shutdown_timeout; uvicorn's limit is a backstop.
             timeout_graceful_shutdown=int(config.shutdown_timeout) + 10,

@@ -46,7 +46,7 @@ def build_router(auth) -> APIRouter:
     )
     async def generate(request: Request) -> Response:
         req = await parse_json_body(request, GenerateRequest)
-        return await serving(request).generate(req, request, full_text_default=False, as_list=False)
+        return await serving(request).generate(req, request, route="/generate", full_text_default=False, as_list=False)
 
     @router.post(
         "/generate_stream",
@@ -56,7 +56,7 @@ def build_router(auth) -> APIRouter:
     )
     async def generate_stream(request: Request) -> Response:
         req = await parse_json_body(request, GenerateRequest)
-        return serving(request).generate_stream(req, request, full_text_default=False)
+        return serving(request).generate_stream(req, request, route="/generate_stream", full_text_default=False)
 
     @router.post(
         "/",
@@ -74,7 +74,7 @@ def build_router(auth) -> APIRouter:
         tgi = serving(request)
         full_text = request.app.state.full_text_default
         if req.stream:
-            return tgi.generate_stream(req, request, full_text_default=full_text)
-        return await tgi.generate(req, request, full_text_default=full_text, as_list=True)
+            return tgi.generate_stream(req, request, route="/", full_text_default=full_text)
+        return await tgi.generate(req, request, route="/", full_text_default=full_text, as_list=True)
 
     return router

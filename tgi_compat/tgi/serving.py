@@ -33,6 +33,7 @@ from tgi_compat.errors import (
     TGIError,
 )
 from tgi_compat.lifecycle import Lifecycle
+from tgi_compat.metrics import TGIMetrics
 from tgi_compat.sse import TGIEventStream, data_frame
 from tgi_compat.tgi.protocol import GenerateParameters, GenerateRequest
 from tgi_compat.tgi.validation import (
@@ -154,6 +155,46 @@ class _Generation:
         return self.valid.seed if self.valid.sampling else None
 
 
+_ERR_LABELS = {
+    "validation": "validation",
+    "overloaded": "overloaded",
+    "generation": "generation",
+    "incomplete_generation": "incomplete",
+    "incomplete_generation_stream": "incomplete",
+}
+
+
+class _Request:
+    """One HTTP generation request: ids, route and timings for logs, metrics and headers."""
+
+    __slots__ = ("id", "engine_id", "route", "start", "enqueued", "input_length", "headers", "trace_headers")
+
+    def __init__(self, request: Request, route: str):
+        self.id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # Engine ids must be unique even when clients reuse an x-request-id.
+        self.engine_id = f"tgi-{next(_ids)}"
+        self.route = route
+        self.start = time.monotonic()
+        self.enqueued = self.start
+        self.input_length = 0
+        self.headers = {"x-request-id": self.id}
+        traceparent = request.headers.get("traceparent")
+        self.trace_headers = {"traceparent": traceparent} if traceparent else None
+
+
+class Timings:
+    """TGI's split of a request's time: validation, queue, inference (seconds)."""
+
+    __slots__ = ("total", "validation", "queue", "inference")
+
+    def __init__(self, r: _Request, gen: _Generation | None, end: float):
+        self.total = end - r.start
+        self.validation = r.enqueued - r.start
+        queue = gen.queue_seconds if gen is not None else 0.0
+        self.queue = min(queue, max(self.total - self.validation, 0.0))
+        self.inference = max(self.total - self.validation - self.queue, 0.0)
+
+
 class TGIServing:
     def __init__(
         self,
@@ -161,18 +202,22 @@ class TGIServing:
         limiter: ConcurrencyLimiter,
         limits: Limits,
         lifecycle: Lifecycle,
+        metrics: TGIMetrics,
         keep_alive: float = 15.0,
+        tracer=None,
     ):
         self.engine = engine
         self.limiter = limiter
         self.limits = limits
         self.lifecycle = lifecycle
+        self.metrics = metrics
         self.keep_alive = keep_alive
+        self.tracer = tracer
         self.compute_type = compute_type()
 
     # --- admission and validation (TGI's order, §2.1) ---
 
-    def _admit(self, req: GenerateRequest, *, stream: bool) -> tuple[Permit, ValidRequest]:
+    def _admit(self, req: GenerateRequest, r: _Request, *, stream: bool) -> tuple[Permit, ValidRequest]:
         params = req.parameters
         if self.lifecycle.draining:
             raise ShuttingDownError()
@@ -187,24 +232,57 @@ class TGIServing:
         except BaseException:
             permit.release()
             raise
+        self.metrics.request_input_length.observe(valid.input_length)
+        self.metrics.request_max_new_tokens.observe(valid.max_new_tokens_checked)
+        r.input_length = valid.input_length
+        r.enqueued = time.monotonic()
         return permit, valid
 
-    def _request_id(self, request: Request) -> str:
-        return f"tgi-{next(_ids)}-{uuid.uuid4().hex[:8]}"
+    # --- outcomes: one log line and the metrics per finished request ---
+
+    def _failed(self, r: _Request, err: str, status: int, message: str) -> None:
+        self.metrics.request_failure.inc(err)
+        fields = {"request_id": r.id, "route": r.route, "status": status, "error": err,
+                  "prompt_tokens": r.input_length, "total_ms": int((time.monotonic() - r.start) * 1000)}
+        logger.info("request failed %s", _kv(fields), extra=fields)
+        if self.tracer is not None:
+            self.tracer.record(r, None, Timings(r, None, time.monotonic()), error=f"{err}: {message}")
+
+    def _failed_with(self, r: _Request, e: TGIError) -> None:
+        self._failed(r, _ERR_LABELS.get(e.error_type, e.error_type), e.status_code, e.message)
+
+    def _succeeded(self, r: _Request, gen: _Generation, t: Timings) -> None:
+        n = len(gen.ids)
+        self.metrics.success(validation=t.validation, queue=t.queue, inference=t.inference, total=t.total, generated=n)
+        fields = {
+            "request_id": r.id, "route": r.route, "status": 200, "prompt_tokens": r.input_length,
+            "generated_tokens": n, "finish_reason": gen.finish_reason,
+            "validation_ms": int(t.validation * 1000), "queue_ms": int(t.queue * 1000),
+            "inference_ms": int(t.inference * 1000), "total_ms": int(t.total * 1000),
+        }
+        logger.info("request finished %s", _kv(fields), extra=fields)
+        if self.tracer is not None:
+            self.tracer.record(r, gen, t)
 
     # --- non-stream ---
 
     async def generate(
-        self, req: GenerateRequest, request: Request, *, full_text_default: bool, as_list: bool
+        self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool, as_list: bool
     ) -> Response:
-        start = time.monotonic()
-        permit, valid = self._admit(req, stream=False)
-        with permit:
-            enqueued = time.monotonic()
-            gen = _Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
-            if await _run_until_disconnect(request, self._collect(gen, self._request_id(request))):
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        end = time.monotonic()
+        self.metrics.request_count.inc()
+        r = _Request(request, route)
+        try:
+            permit, valid = self._admit(req, r, stream=False)
+            with permit:
+                gen = _Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
+                if await _run_until_disconnect(request, self._collect(gen, r.engine_id)):
+                    self._failed(r, "dropped", 499, "client disconnected")
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except TGIError as e:
+            self._failed_with(r, e)
+            return e.response(headers=r.headers)
+        t = Timings(r, gen, time.monotonic())
+        self._succeeded(r, gen, t)
 
         text = gen.generated_text()
         if _full_text(req.parameters, full_text_default):
@@ -222,22 +300,19 @@ class TGIServing:
                 details["top_tokens"] = gen.top
             body["details"] = details
 
-        total = end - start
-        validation = enqueued - start
-        queue = min(gen.queue_seconds, max(total - validation, 0.0))
-        inference = max(total - validation - queue, 0.0)
         n = len(gen.ids)
         headers = {
             "x-compute-type": self.compute_type,
             "x-compute-characters": str(len(req.inputs)),
-            "x-compute-time": f"{total:.6f}",
-            "x-total-time": str(int(total * 1000)),
-            "x-validation-time": str(int(validation * 1000)),
-            "x-queue-time": str(int(queue * 1000)),
-            "x-inference-time": str(int(inference * 1000)),
-            "x-time-per-token": str(int(inference * 1000 / n) if n else 0),
+            "x-compute-time": f"{t.total:.6f}",
+            "x-total-time": str(int(t.total * 1000)),
+            "x-validation-time": str(int(t.validation * 1000)),
+            "x-queue-time": str(int(t.queue * 1000)),
+            "x-inference-time": str(int(t.inference * 1000)),
+            "x-time-per-token": str(int(t.inference * 1000 / n) if n else 0),
             "x-prompt-tokens": str(valid.input_length),
             "x-generated-tokens": str(n),
+            **r.headers,
         }
         payload = orjson.dumps([body] if as_list else body)
         return Response(payload, media_type="application/json", headers=headers)
@@ -281,28 +356,32 @@ class TGIServing:
 
     # --- stream ---
 
-    def generate_stream(self, req: GenerateRequest, request: Request, *, full_text_default: bool) -> Response:
+    def generate_stream(self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool) -> Response:
+        self.metrics.request_count.inc()
+        r = _Request(request, route)
         headers = {
             "x-compute-type": self.compute_type,
             "x-compute-characters": str(len(req.inputs)),
+            **r.headers,
         }
-        return TGIEventStream(self._frames(req, request, full_text_default), headers=headers, keep_alive=self.keep_alive)
+        return TGIEventStream(self._frames(req, r, full_text_default), headers=headers, keep_alive=self.keep_alive)
 
-    async def _frames(self, req: GenerateRequest, request: Request, full_text_default: bool) -> AsyncIterator[bytes]:
+    async def _frames(self, req: GenerateRequest, r: _Request, full_text_default: bool) -> AsyncIterator[bytes]:
         try:
-            permit, valid = self._admit(req, stream=True)
+            permit, valid = self._admit(req, r, stream=True)
         except TGIError as e:
+            self._failed_with(r, e)
             yield e.sse_frame()
             return
+        finished = False
         with permit:
             gen = _Generation(valid, self.engine, token_text=True, token_logprobs=True)
-            request_id = self._request_id(request)
             dumps = orjson.dumps
             top_n = valid.top_n_tokens
             sent = 0
             try:
                 # aclosing: the driver's cleanup (abort, unregister) runs when we return.
-                async with aclosing(self._drive(gen, request_id, token_logprobs=True)) as steps:
+                async with aclosing(self._drive(gen, r.engine_id, token_logprobs=True)) as steps:
                     async for _ in steps:
                         done = gen.finish_reason is not None
                         if done and not gen.ids:
@@ -319,14 +398,24 @@ class TGIServing:
                         sent = max(last, sent)
                         if done:
                             frames.append(self._final_frame(gen, req, full_text_default))
+                            finished = True
+                            self._succeeded(r, gen, Timings(r, gen, time.monotonic()))
                             yield b"".join(frames)
                             return
                         if frames:
                             # Tokens that arrived together go out in one write, one event each.
                             yield b"".join(frames)
-                yield IncompleteGenerationStreamError().sse_frame()
+                error = IncompleteGenerationStreamError()
+                self._failed_with(r, error)
+                finished = True
+                yield error.sse_frame()
             except TGIError as e:
+                self._failed_with(r, e)
+                finished = True
                 yield e.sse_frame()
+            finally:
+                if not finished:  # the client went away mid-stream
+                    self._failed(r, "dropped", 499, "client disconnected")
 
     def _final_frame(self, gen: _Generation, req: GenerateRequest, full_text_default: bool) -> bytes:
         i = len(gen.ids) - 1
@@ -348,6 +437,10 @@ class TGIServing:
             else None
         )
         return data_frame(orjson.dumps(event))
+
+
+def _kv(fields: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def _full_text(params: GenerateParameters, default: bool) -> bool:

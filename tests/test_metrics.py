@@ -1,0 +1,182 @@
+"""TGI's Prometheus series: the exposition format (unit), the values fed by real traffic,
+and a real Prometheus scraping the server and answering the Grafana dashboard's PromQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tgi_compat.metrics import TGIMetrics, duration_buckets
+
+
+def test_duration_buckets_are_tgis():
+    b = duration_buckets()
+    assert len(b) == 35
+    assert b[0] == pytest.approx(0.00015) and b[-1] == pytest.approx(145.611, rel=1e-4)
+
+
+def test_exposition_format():
+    m = TGIMetrics(max_input_tokens=1000, max_total_tokens=2000)
+    assert m.render() == b""  # series appear only after first use
+    m.request_count.inc()
+    m.request_failure.inc("validation")
+    m.queue_size.set(3)
+    m.success(validation=0.001, queue=0.002, inference=0.5, total=0.503, generated=10)
+    m.request_input_length.observe(7)
+    text = m.render().decode()
+    assert "_total" not in text and "_created" not in text
+    lines = text.splitlines()
+    # counters, then gauges, then histograms
+    assert lines.index("# TYPE tgi_request_count counter") < lines.index("# TYPE tgi_queue_size gauge") < lines.index("# TYPE tgi_request_duration histogram")
+    assert "# HELP tgi_request_count Total number of requests" in lines
+    assert "tgi_request_count 1" in lines and "tgi_request_success 1" in lines
+    assert 'tgi_request_failure{err="validation"} 1' in lines
+    assert "tgi_queue_size 3" in lines
+    buckets = [l for l in lines if l.startswith("tgi_request_duration_bucket")]
+    assert len(buckets) == 36 and buckets[-1] == 'tgi_request_duration_bucket{le="+Inf"} 1'
+    assert 'tgi_request_duration_bucket{le="0.00015000000000000001"} 0' in lines
+    counts = [int(l.rsplit(" ", 1)[1]) for l in buckets]
+    assert counts == sorted(counts)  # cumulative
+    assert "tgi_request_duration_count 1" in lines
+    assert 'tgi_request_input_length_bucket{le="10"} 1' in lines  # 1000/100 * 1
+    assert "tgi_request_mean_time_per_token_duration_sum 0.05" in lines
+
+
+def _series(text: str, name: str) -> dict[str, float]:
+    return {m.group(1) or "": float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M)}
+
+
+def test_metrics_follow_traffic(http):
+    before = http.get("/metrics").text
+    for _ in range(3):
+        assert http.post("/generate", json={"inputs": "count me", "parameters": {"max_new_tokens": 5}}).status_code == 200
+    http.post("/generate_stream", json={"inputs": "count me", "parameters": {"max_new_tokens": 5}})
+    for _ in range(2):
+        assert http.post("/generate", json={"inputs": "x", "parameters": {"temperature": 0}}).status_code == 422
+    http.post("/generate_stream", json={"inputs": "", "parameters": {}})
+    after = http.get("/metrics").text
+    delta = lambda name, labels="": _series(after, name).get(labels, 0) - _series(before, name).get(labels, 0)  # noqa: E731
+    assert delta("tgi_request_count") == 7
+    assert delta("tgi_request_success") == 4
+    assert delta("tgi_request_failure", '{err="validation"}') == 3
+    assert delta("tgi_request_generated_tokens_sum") == 20
+    assert delta("tgi_request_duration_count") == 4
+    assert delta("tgi_request_input_length_count") == 4  # recorded when validation passes
+    assert _series(after, "tgi_batch_max_total_tokens")[""] > 0
+    assert "tgi_queue_size" in after and "tgi_batch_current_size" in after
+    assert _series(after, "tgi_batch_inference_count")  # engine steps, by method
+    assert "vllm:generation_tokens_total" in after  # vLLM's own series on the same endpoint
+
+
+def test_request_id_is_echoed_or_made(http):
+    r = http.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 1}}, headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = http.post("/generate", json={"inputs": "a", "parameters": {"top_k": 0}}, headers={"x-request-id": "bad-1"})
+    assert r.status_code == 422 and r.headers["x-request-id"] == "bad-1"
+    with http.stream("POST", "/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 1}}) as s:
+        assert len(s.headers["x-request-id"]) >= 16
+
+
+# --- a real Prometheus -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prometheus(server_url):
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus package is missing: `make test` installs it (apt-get install prometheus)"
+    target = server_url.removeprefix("http://")
+    tmp = Path(tempfile.mkdtemp(prefix="prom-"))
+    (tmp / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: tgi\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "wb"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError((tmp / "prometheus.log").read_text()[-2000:])
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _query(prom: str, expr: str) -> list[dict]:
+    r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert r["status"] == "success", r
+    return r["data"]["result"]
+
+
+def _scalar(prom: str, expr: str) -> float:
+    result = _query(prom, expr)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def _wait_scrapes(prom: str, n: int = 2) -> None:
+    """Wait until Prometheus has scraped the target n more times."""
+    start = _scalar(prom, 'count_over_time(up{job="tgi"}[10m])')
+    deadline = time.monotonic() + 30
+    while _scalar(prom, 'count_over_time(up{job="tgi"}[10m])') < start + n and time.monotonic() < deadline:
+        time.sleep(0.25)
+
+
+def test_prometheus_scrapes_and_dashboard_queries_work(prometheus, server_url, http):
+    _wait_scrapes(prometheus, 1)
+    assert _scalar(prometheus, 'up{job="tgi"}') == 1.0
+    success0 = _scalar(prometheus, "tgi_request_success")
+    failures0 = {r["metric"]["err"]: float(r["value"][1]) for r in _query(prometheus, "sum by (err) (tgi_request_failure)")}
+
+    async def traffic():
+        async with httpx.AsyncClient(base_url=server_url, timeout=120) as c:
+            ok = [c.post("/generate", json={"inputs": f"p {i}", "parameters": {"max_new_tokens": 8}}) for i in range(10)]
+            ok += [c.post("/generate_stream", json={"inputs": f"s {i}", "parameters": {"max_new_tokens": 8}}) for i in range(5)]
+            bad = [c.post("/generate", json={"inputs": "x", "parameters": {"top_p": 1.0}}) for _ in range(4)]
+            return await asyncio.gather(*ok, *bad)
+
+    responses = asyncio.run(traffic())
+    assert [r.status_code for r in responses].count(200) == 15
+    _wait_scrapes(prometheus, 2)
+
+    assert _scalar(prometheus, "tgi_request_success") - success0 == 15
+    failures = {r["metric"]["err"]: float(r["value"][1]) for r in _query(prometheus, "sum by (err) (tgi_request_failure)")}
+    assert failures["validation"] - failures0.get("validation", 0) == 4
+    assert _scalar(prometheus, "rate(tgi_request_success[1m])") > 0
+    for hist in ("tgi_request_duration", "tgi_request_mean_time_per_token_duration"):
+        q = _scalar(prometheus, f"histogram_quantile(0.9, sum by (le) (rate({hist}_bucket[1m])))")
+        assert 0 < q < 150, (hist, q)
+    for gauge in ("tgi_queue_size", "tgi_batch_current_size"):
+        result = _query(prometheus, gauge)
+        assert result and float(result[0]["value"][1]) >= 0
+    assert _scalar(prometheus, "sum(tgi_request_generated_tokens_sum)") > 0
+    assert _query(prometheus, "sum by (method) (rate(tgi_batch_inference_count[1m]))")
+    assert _scalar(prometheus, "vllm:num_requests_running") >= 0

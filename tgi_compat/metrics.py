@@ -1,0 +1,230 @@
+"""TGI's Prometheus series, exposed exactly as TGI's router exposes them.
+
+TGI uses metrics-exporter-prometheus 0.15: names are printed as they are (counters have
+no ``_total`` and no ``_created``, which prometheus_client would add and which would
+break every TGI dashboard query), families are ordered counters, gauges, then
+histograms, ``# HELP`` appears for described names only, and a series appears only after
+its first use. Bucket bounds are TGI's (router/src/server.rs). The exposition is written
+by hand here; vLLM's own ``vllm:*`` metrics (prometheus_client) are appended after it.
+
+Updates are plain dict/list operations done once per request or engine step, never per
+token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+# First description wins, as in metrics-exporter-prometheus.
+HELP = {
+    "tgi_request_success": "Number of successful requests",
+    "tgi_request_duration": "Request duration",
+    "tgi_request_validation_duration": "Request validation duration",
+    "tgi_request_queue_duration": "Request queue duration",
+    "tgi_request_inference_duration": "Request inference duration",
+    "tgi_request_mean_time_per_token_duration": "Mean time per token per request",
+    "tgi_request_generated_tokens": "Generated tokens per request",
+    "tgi_batch_inference_count": "Inference calls per method (prefill or decode)",
+    "tgi_request_count": "Total number of requests",
+    "tgi_batch_inference_success": "Number of successful inference calls per method (prefill or decode)",
+    "tgi_batch_current_size": "Current batch size",
+    "tgi_queue_size": "Current queue size",
+    "tgi_batch_current_max_tokens": "Maximum tokens for the current batch",
+    "tgi_request_max_new_tokens": "Maximum new tokens per request",
+    "tgi_batch_inference_duration": "Batch inference duration",
+    "tgi_batch_forward_duration": "Batch forward duration per method (prefill or decode)",
+    "tgi_request_skipped_tokens": "Speculated tokens per request",
+    "tgi_batch_filter_duration": "Time spent filtering batches and sending generated tokens per method (prefill or decode)",
+    "tgi_batch_decode_duration": "Time spent decoding a batch per method (prefill or decode)",
+    "tgi_request_input_length": "Input token length per request",
+    "tgi_batch_next_size": "Batch size of the next batch",
+    # Registered by TGI under `tgi_batch_total_tokens`, so `tgi_batch_max_total_tokens` has none.
+}
+
+
+def duration_buckets() -> list[float]:
+    """0.0001 * 1.5^k for k = 1..35, by repeated multiplication as TGI computes them."""
+    out, value = [], 0.0001
+    for _ in range(35):
+        value *= 1.5
+        out.append(value)
+    return out
+
+
+def _fmt(value: float) -> str:
+    # Rust's f64 Display: shortest round-trip form, integers without a fraction.
+    if value == float("inf"):
+        return "+Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{v}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _Family:
+    kind = ""
+
+    def __init__(self, name: str, labels: tuple[str, ...] = ()):
+        self.name = name
+        self.label_names = labels
+
+    def header(self) -> list[str]:
+        lines = []
+        if self.name in HELP:
+            lines.append(f"# HELP {self.name} {HELP[self.name]}")
+        lines.append(f"# TYPE {self.name} {self.kind}")
+        return lines
+
+
+class Counter(_Family):
+    kind = "counter"
+
+    def __init__(self, name: str, labels: tuple[str, ...] = ()):
+        super().__init__(name, labels)
+        self.values: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *labels: str, by: int = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + by
+
+    def render(self) -> list[str]:
+        return [f"{self.name}{_labels(self.label_names, k)} {v}" for k, v in self.values.items()]
+
+
+class Gauge(_Family):
+    kind = "gauge"
+
+    def __init__(self, name: str, labels: tuple[str, ...] = ()):
+        super().__init__(name, labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def set(self, value: float, *labels: str) -> None:
+        self.values[labels] = value
+
+    def render(self) -> list[str]:
+        return [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in self.values.items()]
+
+
+class Histogram(_Family):
+    kind = "histogram"
+
+    def __init__(self, name: str, buckets: list[float], labels: tuple[str, ...] = ()):
+        super().__init__(name, labels)
+        self.buckets = buckets
+        self._bounds = [f'le="{_fmt(b)}"' for b in buckets] + ['le="+Inf"']
+        # per label set: [bucket counts (non-cumulative)..., sum, count]
+        self.values: dict[tuple[str, ...], list] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        state = self.values.get(labels)
+        if state is None:
+            state = self.values[labels] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+        state[0][bisect.bisect_left(self.buckets, value)] += 1
+        state[1] += value
+        state[2] += 1
+
+    def count(self, *labels: str) -> int:
+        state = self.values.get(labels)
+        return state[2] if state else 0
+
+    def render(self) -> list[str]:
+        lines = []
+        for key, (counts, total, n) in self.values.items():
+            running = 0
+            for bound, c in zip(self._bounds, counts):
+                running += c
+                lines.append(f"{self.name}_bucket{_labels(self.label_names, key, bound)} {running}")
+            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {_fmt(total)}")
+            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {n}")
+        return lines
+
+
+class TGIMetrics:
+    """Every TGI series this server feeds, with TGI's buckets."""
+
+    def __init__(self, max_input_tokens: int, max_total_tokens: int):
+        d = duration_buckets()
+        input_buckets = [max_input_tokens / 100 * (i + 1) for i in range(100)]
+        total_buckets = [max_total_tokens / 100 * (i + 1) for i in range(100)]
+        self.request_count = Counter("tgi_request_count")
+        self.request_success = Counter("tgi_request_success")
+        self.request_failure = Counter("tgi_request_failure", ("err",))
+        self.batch_inference_count = Counter("tgi_batch_inference_count", ("method",))
+        self.batch_inference_success = Counter("tgi_batch_inference_success", ("method",))
+        self.queue_size = Gauge("tgi_queue_size")
+        self.batch_current_size = Gauge("tgi_batch_current_size")
+        self.batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens")
+        self.batch_max_total_tokens = Gauge("tgi_batch_max_total_tokens")
+        self.request_duration = Histogram("tgi_request_duration", d)
+        self.request_validation_duration = Histogram("tgi_request_validation_duration", d)
+        self.request_queue_duration = Histogram("tgi_request_queue_duration", d)
+        self.request_inference_duration = Histogram("tgi_request_inference_duration", d)
+        self.request_mean_time_per_token_duration = Histogram("tgi_request_mean_time_per_token_duration", d)
+        self.request_generated_tokens = Histogram("tgi_request_generated_tokens", total_buckets)
+        self.request_input_length = Histogram("tgi_request_input_length", input_buckets)
+        self.request_max_new_tokens = Histogram("tgi_request_max_new_tokens", total_buckets)
+        self.batch_next_size = Histogram("tgi_batch_next_size", [float(i + 1) for i in range(1024)])
+        self.batch_inference_duration = Histogram("tgi_batch_inference_duration", d, ("method",))
+        self.batch_forward_duration = Histogram("tgi_batch_forward_duration", d, ("method",))
+        self._families: list[_Family] = [v for v in vars(self).values() if isinstance(v, _Family)]
+        self._last_step: float | None = None
+
+    # --- request events (the TGI spec layer calls these) ---
+
+    def success(self, *, validation: float, queue: float, inference: float, total: float, generated: int) -> None:
+        self.request_success.inc()
+        self.request_duration.observe(total)
+        self.request_validation_duration.observe(validation)
+        self.request_queue_duration.observe(queue)
+        self.request_inference_duration.observe(inference)
+        if generated:
+            self.request_mean_time_per_token_duration.observe(inference / generated)
+        self.request_generated_tokens.observe(generated)
+
+    # --- engine events (vLLM's stat logger hook calls this once per engine step) ---
+
+    def engine_step(self, scheduler_stats, iteration_stats, kv_capacity_tokens: int) -> None:
+        if scheduler_stats is not None:
+            self.queue_size.set(scheduler_stats.num_waiting_reqs)
+            self.batch_current_size.set(scheduler_stats.num_running_reqs)
+            self.batch_current_max_tokens.set(round(scheduler_stats.kv_cache_usage * kv_capacity_tokens))
+        if iteration_stats is None:
+            return
+        now = time.monotonic()
+        method = "prefill" if iteration_stats.num_prompt_tokens else "decode"
+        self.batch_inference_count.inc(method)
+        self.batch_inference_success.inc(method)
+        new_requests = len(iteration_stats.time_to_first_tokens_iter)
+        if new_requests:
+            self.batch_next_size.observe(new_requests)
+        # vLLM reports no per-step duration by default: the time since the previous step,
+        # when the engine was busy in between, is the step's duration.
+        if self._last_step is not None and now - self._last_step < 1.0:
+            step = now - self._last_step
+            self.batch_inference_duration.observe(step, method)
+            self.batch_forward_duration.observe(step, method)
+        self._last_step = now
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for kind in ("counter", "gauge", "histogram"):
+            for family in self._families:
+                if family.kind != kind or not family.values:
+                    continue
+                lines.extend(family.header())
+                lines.extend(family.render())
+                lines.append("")
+        return "\n".join(lines).encode()
+
+    def families(self) -> Iterable[_Family]:
+        return self._families
