@@ -258,3 +258,21 @@ def test_disconnect_during_non_stream_aborts_engine_request(http, server_url):
     _assert_aborted(http, before, 4)
     # The server still serves normally afterwards.
     assert http.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_tokenize_gives_byte_offsets(http):
+    text = "Köln ok"
+    r = http.post("/tokenize", json={"inputs": text})
+    assert r.status_code == 200
+    tokens = r.json()
+    assert tokens[0] == {"id": 0, "text": "", "start": 0, "stop": 0}  # the added BOS covers no input bytes
+    raw = text.encode()
+    assert all(list(t) == ["id", "text", "start", "stop"] for t in tokens)
+    assert tokens[-1]["stop"] == len(raw)  # bytes, not characters
+    assert b"".join(raw[t["start"]:t["stop"]] for t in tokens[1:]) == raw
+
+
+def test_v1_models(http):
+    body = http.get("/v1/models").json()
+    model_id = http.get("/info").json()["model_id"]
+    assert body == {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}

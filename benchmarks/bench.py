@@ -1,0 +1,384 @@
+"""Front-end benchmark: tgi-compat against vLLM's own OpenAI server and the engine's
+in-process ceiling, on the same model and engine flags, in one run.
+
+    python benchmarks/bench.py                      # full run: c = 1, 16, 64, 256
+    python benchmarks/bench.py --smoke              # seconds: keeps the harness working (CI)
+
+Cells: (a) tgi-compat ``/generate_stream``, (b) tgi-compat ``/generate``, (c) vLLM's
+``/v1/completions`` with ``stream: true``, (d) the engine in-process, no HTTP (the
+ceiling). Every request asks for exactly ``--tokens`` tokens: the prompt is one whose
+greedy continuation has no EOS on the tiny model, and vLLM's server also gets
+``ignore_eos``. Per cell: output tok/s, req/s, TTFT, TPOT, ITL and end-to-end latency
+(p50/p99), errors, the API process's CPU seconds per 1,000 streamed tokens, and the load
+client's own CPU per 1,000 tokens (to show the client is not the bottleneck).
+
+Writes ``benchmarks/results/latest.json``, ``latest.md`` (the ratio table) and
+``latest.png`` (chart). Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPT = "Once upon a time"  # greedy decoding of it does not hit EOS on the tiny model
+ENGINE_FLAGS = ["--max-model-len", "2048"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Stats:
+    def __init__(self):
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.tpot: list[float] = []
+        self.e2e: list[float] = []
+        self.tokens = 0
+        self.requests = 0
+        self.errors = 0
+
+    def add(self, start: float, stamps: list[float], tokens: int, end: float) -> None:
+        self.requests += 1
+        self.tokens += tokens
+        self.e2e.append(end - start)
+        if stamps:
+            self.ttft.append(stamps[0] - start)
+            self.itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
+            if tokens > 1:
+                self.tpot.append((end - stamps[0]) / (tokens - 1))
+
+    def summary(self, wall: float) -> dict:
+        ms = lambda v: round(v * 1000, 2)  # noqa: E731
+        return {
+            "output_tok_s": round(self.tokens / wall, 1),
+            "req_s": round(self.requests / wall, 2),
+            "ttft_ms_p50": ms(_pct(self.ttft, 0.5)), "ttft_ms_p99": ms(_pct(self.ttft, 0.99)),
+            "tpot_ms_p50": ms(_pct(self.tpot, 0.5)), "tpot_ms_p99": ms(_pct(self.tpot, 0.99)),
+            "itl_ms_p50": ms(_pct(self.itl, 0.5)), "itl_ms_p99": ms(_pct(self.itl, 0.99)),
+            "e2e_ms_p50": ms(_pct(self.e2e, 0.5)), "e2e_ms_p99": ms(_pct(self.e2e, 0.99)),
+            "errors": self.errors, "requests": self.requests, "tokens": self.tokens,
+        }
+
+
+# --- load clients (aiohttp, raw line reading: cheap per token) ---
+
+
+async def _sse_request(session, url: str, body: dict, count_event) -> tuple[list[float], int]:
+    stamps: list[float] = []
+    tokens = 0
+    async with session.post(url, json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"status {r.status}")
+        async for line in r.content:
+            if not line.startswith(b"data:"):
+                continue
+            n = count_event(line)
+            if n < 0:
+                raise RuntimeError(line[:200].decode(errors="replace"))
+            if n:
+                now = time.perf_counter()
+                stamps.extend([now] * n)
+                tokens += n
+    return stamps, tokens
+
+
+def _tgi_event(line: bytes) -> int:
+    if line.startswith(b'data:{"error"'):
+        return -1
+    return 1
+
+
+def _openai_event(line: bytes) -> int:
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return 0
+    if b'"error"' in payload[:20]:
+        return -1
+    data = json.loads(payload)
+    return len(data["choices"][0].get("token_ids") or [None]) if data["choices"] else 0
+
+
+async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens: int) -> Stats:
+    stats = Stats()
+    remaining = requests
+    connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    timeout = aiohttp.ClientTimeout(total=600)
+
+    async def worker(session):
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            start = time.perf_counter()
+            try:
+                if kind == "tgi_stream":
+                    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}
+                    stamps, n = await _sse_request(session, url + "/generate_stream", body, _tgi_event)
+                elif kind == "tgi_generate":
+                    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}
+                    async with session.post(url + "/generate", json=body) as r:
+                        if r.status != 200:
+                            raise RuntimeError(f"status {r.status}")
+                        n = int(r.headers["x-generated-tokens"])
+                        await r.read()
+                    stamps = [time.perf_counter()]  # TTFT = the whole response for non-stream
+                else:  # vLLM's OpenAI server
+                    body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                            "ignore_eos": True, "stream": True}
+                    stamps, n = await _sse_request(session, url + "/v1/completions", body, _openai_event_text)
+                stats.add(start, stamps, n, time.perf_counter())
+            except Exception:
+                stats.errors += 1
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*[worker(session) for _ in range(concurrency)])
+    return stats
+
+
+def _openai_event_text(line: bytes) -> int:
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return 0
+    if payload.startswith(b'{"error'):
+        return -1
+    return 1  # vLLM's server sends one chunk per token (text delta), or merged ones
+
+
+# --- servers ---
+
+
+class Server:
+    def __init__(self, argv: list[str], port: int, health: str, name: str):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(RESULTS / f"{name}.log", "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{name} exited: see {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url + health, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                time.sleep(0.5)
+        raise SystemExit(f"{name} did not start")
+
+    def cpu_seconds(self) -> float:
+        t = psutil.Process(self.proc.pid).cpu_times()  # the API process only, not its engine
+        return t.user + t.system
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+        except Exception:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _client_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_http(kind: str, server: Server, levels: list[int], per_level, tokens: int) -> dict:
+    out = {}
+    asyncio.run(_run_http(kind, server.url, 2, 4, tokens))  # warm-up
+    for c in levels:
+        cpu0, client0 = server.cpu_seconds(), _client_cpu()
+        t0 = time.perf_counter()
+        stats = asyncio.run(_run_http(kind, server.url, c, per_level(c), tokens))
+        wall = time.perf_counter() - t0
+        s = stats.summary(wall)
+        k = max(stats.tokens, 1) / 1000
+        s["api_cpu_s_per_1k_tokens"] = round((server.cpu_seconds() - cpu0) / k, 4)
+        s["client_cpu_s_per_1k_tokens"] = round((_client_cpu() - client0) / k, 4)
+        out[str(c)] = s
+        print(f"{kind:14} c={c:<4} {s['output_tok_s']:>9} tok/s  ttft p50 {s['ttft_ms_p50']:>8} ms  "
+              f"api cpu/1k {s['api_cpu_s_per_1k_tokens']}  errors {s['errors']}", flush=True)
+    return out
+
+
+def bench_in_process(model: str, levels: list[int], per_level, tokens: int) -> dict:
+    """The engine with no HTTP: the ceiling."""
+    from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from tgi_compat.engine import build_engine_args
+
+    args: AsyncEngineArgs = build_engine_args(model, [], ENGINE_FLAGS)
+    engine = AsyncLLMEngine.from_engine_args(args)
+    from transformers import AutoTokenizer
+
+    prompt_ids = AutoTokenizer.from_pretrained(model)(PROMPT).input_ids
+    out = {}
+
+    async def run(c: int, n: int) -> Stats:
+        stats = Stats()
+        remaining = n
+        counter = 0
+
+        async def worker():
+            nonlocal remaining, counter
+            while remaining > 0:
+                remaining -= 1
+                counter += 1
+                params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True,
+                                        output_kind=RequestOutputKind.DELTA, detokenize=True)
+                start = time.perf_counter()
+                stamps: list[float] = []
+                async for o in engine.generate({"prompt_token_ids": prompt_ids}, params, f"b{counter}"):
+                    now = time.perf_counter()
+                    stamps.extend([now] * len(o.outputs[0].token_ids))
+                stats.add(start, stamps, len(stamps), time.perf_counter())
+
+        await asyncio.gather(*[worker() for _ in range(c)])
+        return stats
+
+    async def main():
+        await run(2, 4)
+        for c in levels:
+            t0 = time.perf_counter()
+            stats = await run(c, per_level(c))
+            s = stats.summary(time.perf_counter() - t0)
+            out[str(c)] = s
+            print(f"{'in_process':14} c={c:<4} {s['output_tok_s']:>9} tok/s  ttft p50 {s['ttft_ms_p50']:>8} ms", flush=True)
+
+    asyncio.run(main())
+    engine.shutdown()
+    return out
+
+
+def report(results: dict, levels: list[int], chart: bool) -> str:
+    cells = [("tgi_stream", "tgi-compat /generate_stream"), ("tgi_generate", "tgi-compat /generate"),
+             ("vllm_stream", "vLLM server /v1/completions stream"), ("in_process", "engine in-process (ceiling)")]
+    lines = [f"Machine: {results['machine']}; model: tiny embedded ({results['tokens']} output tokens, greedy, no EOS); "
+             f"vLLM {results['vllm']}.", "",
+             "| cell | c | tok/s | × vLLM server | × ceiling | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | e2e p50 ms | e2e p99 ms | API CPU s/1k tok | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, label in cells:
+        for c in levels:
+            s = results["cells"].get(key, {}).get(str(c))
+            if not s:
+                continue
+            v = results["cells"].get("vllm_stream", {}).get(str(c), {}).get("output_tok_s")
+            d = results["cells"].get("in_process", {}).get(str(c), {}).get("output_tok_s")
+            ratio_v = f"{s['output_tok_s'] / v:.2f}" if v else "–"
+            ratio_d = f"{s['output_tok_s'] / d:.2f}" if d else "–"
+            lines.append(
+                f"| {label} | {c} | {s['output_tok_s']} | {ratio_v} | {ratio_d} | {s['ttft_ms_p50']} | {s['ttft_ms_p99']} | "
+                f"{s['tpot_ms_p50']} | {s['itl_ms_p99']} | {s['e2e_ms_p50']} | {s['e2e_ms_p99']} | "
+                f"{s.get('api_cpu_s_per_1k_tokens', '–')} | {s['errors']} |"
+            )
+    table = "\n".join(lines)
+    (RESULTS / "latest.md").write_text(table + "\n")
+    if chart:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key, label in cells:
+            ys = [results["cells"].get(key, {}).get(str(c), {}).get("output_tok_s") for c in levels]
+            if any(ys):
+                ax.plot(levels, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(f"tgi-compat vs vLLM server vs engine ceiling ({results['machine']})")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "latest.png", dpi=110)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=4, help="requests per level = max(c x this, 16)")
+    ap.add_argument("--cells", default="tgi_stream,tgi_generate,vllm_stream,in_process")
+    ap.add_argument("--smoke", action="store_true", help="c=1,4, few requests, no chart")
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    tokens, mult = args.tokens, args.requests
+    if args.smoke:
+        levels, tokens, mult = [1, 4], 16, 2
+    per_level = lambda c: max(c * mult, 16 if not args.smoke else 4)  # noqa: E731
+    cells = args.cells.split(",")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    from tgi_compat.tiny_model import build_tiny_model
+
+    model = str(build_tiny_model())
+    import vllm
+
+    results = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "vllm": vllm.__version__, "tokens": tokens, "levels": levels, "cells": {},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if {"tgi_stream", "tgi_generate"} & set(cells):
+        port = _free_port()
+        srv = Server([sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
+                      "--max-concurrent-requests", "1024", "--log-level", "warning", *ENGINE_FLAGS],
+                     port, "/health", "tgi-compat")
+        try:
+            for kind in ("tgi_stream", "tgi_generate"):
+                if kind in cells:
+                    results["cells"][kind] = bench_http(kind, srv, levels, per_level, tokens)
+        finally:
+            srv.stop()
+    if "vllm_stream" in cells:
+        port = _free_port()
+        from tgi_compat.engine import build_engine_args
+
+        kv = ["--kv-cache-memory-bytes", str(1 << 30)] if build_engine_args(model, [], ENGINE_FLAGS).kv_cache_memory_bytes else []
+        srv = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                      "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests", *kv, *ENGINE_FLAGS],
+                     port, "/health", "vllm-server")
+        try:
+            results["cells"]["vllm_stream"] = bench_http("vllm_stream", srv, levels, per_level, tokens)
+        finally:
+            srv.stop()
+    if "in_process" in cells:
+        results["cells"]["in_process"] = bench_in_process(model, levels, per_level, tokens)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    print(report(results, levels, chart=not args.smoke))
+    errors = sum(s["errors"] for cell in results["cells"].values() for s in cell.values())
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
