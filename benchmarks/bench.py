@@ -26,7 +26,6 @@ import platform
 import resource
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = "Once upon a time"  # greedy decoding of it does not hit EOS on the tiny model
 ENGINE_FLAGS = ["--max-model-len", "2048"]
+MODEL_NAME = "tiny"
 
 
 def _free_port() -> int:
@@ -110,19 +110,29 @@ async def _sse_request(session, url: str, body: dict, count_event) -> tuple[list
 
 
 def _tgi_event(line: bytes) -> int:
-    if line.startswith(b'data:{"error"'):
-        return -1
-    return 1
+    """TGI streams: one event per token."""
+    return -1 if line.startswith(b'data:{"error"') else 1
 
 
-def _openai_event(line: bytes) -> int:
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
-        return 0
-    if b'"error"' in payload[:20]:
-        return -1
-    data = json.loads(payload)
-    return len(data["choices"][0].get("token_ids") or [None]) if data["choices"] else 0
+class _OpenAIEvents:
+    """vLLM's completion stream: a chunk per engine output (several tokens when merged);
+    the token count comes from the final usage chunk."""
+
+    def __init__(self):
+        self.completion_tokens = 0
+
+    def __call__(self, line: bytes) -> int:
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return 0
+        if payload.startswith(b'{"error'):
+            return -1
+        if b'"usage":{' in payload or b'"usage": {' in payload:
+            usage = json.loads(payload).get("usage")
+            if usage:
+                self.completion_tokens = usage["completion_tokens"]
+                return 0
+        return 1
 
 
 async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens: int) -> Stats:
@@ -149,9 +159,11 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
                         await r.read()
                     stamps = [time.perf_counter()]  # TTFT = the whole response for non-stream
                 else:  # vLLM's OpenAI server
-                    body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-                            "ignore_eos": True, "stream": True}
-                    stamps, n = await _sse_request(session, url + "/v1/completions", body, _openai_event_text)
+                    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                    events = _OpenAIEvents()
+                    stamps, _ = await _sse_request(session, url + "/v1/completions", body, events)
+                    n = events.completion_tokens
                 stats.add(start, stamps, n, time.perf_counter())
             except Exception:
                 stats.errors += 1
@@ -159,15 +171,6 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*[worker(session) for _ in range(concurrency)])
     return stats
-
-
-def _openai_event_text(line: bytes) -> int:
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
-        return 0
-    if payload.startswith(b'{"error'):
-        return -1
-    return 1  # vLLM's server sends one chunk per token (text delta), or merged ones
 
 
 # --- servers ---
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kv = ["--kv-cache-memory-bytes", str(1 << 30)] if build_engine_args(model, [], ENGINE_FLAGS).kv_cache_memory_bytes else []
         srv = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                      "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests", *kv, *ENGINE_FLAGS],
+                      "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *kv, *ENGINE_FLAGS],
                      port, "/health", "vllm-server")
         try:
             results["cells"]["vllm_stream"] = bench_http("vllm_stream", srv, levels, per_level, tokens)

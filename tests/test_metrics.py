@@ -4,10 +4,8 @@ and a real Prometheus scraping the server and answering the Grafana dashboard's 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tgi_compat.metrics import TGIMetrics, duration_buckets
 
 
@@ -90,12 +89,6 @@ def test_request_id_is_echoed_or_made(http):
 # --- a real Prometheus -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prometheus(server_url):
     binary = shutil.which("prometheus")
@@ -106,7 +99,7 @@ def prometheus(server_url):
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"scrape_configs:\n  - job_name: tgi\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
     )
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from tgi_compat.config import ConfigError, build_parser, parse_config

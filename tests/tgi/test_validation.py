@@ -136,3 +136,19 @@ def test_sampling_kwargs_logprobs():
     assert kw["detokenize"] is False  # the TGI layer decodes per token
     assert "logprobs" not in sampling_kwargs(run(), token_logprobs=False)
     assert sampling_kwargs(run(), token_logprobs=True)["logprobs"] == 0
+
+
+def test_grammar_refused_when_disabled():
+    limits = Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=99,
+                    max_total_tokens=100, grammar_enabled=False)
+    params = GenerateParameters(grammar={"type": "regex", "value": "a+"})
+    with pytest.raises(ValidationError, match="^Input validation error: grammar is not supported$"):
+        validate("hello", params, limits, tokenize)
+
+
+def test_tokenizer_failure_is_a_validation_error():
+    def broken(text: str) -> list[int]:
+        raise RuntimeError("cannot tokenize")
+
+    with pytest.raises(ValidationError, match="^Input validation error: tokenizer error cannot tokenize$"):
+        validate("hello", GenerateParameters(), LIMITS, broken)
