@@ -63,6 +63,7 @@ class Stats:
         self.tokens = 0
         self.requests = 0
         self.errors = 0
+        self.error_kinds: dict[str, int] = {}
 
     def add(self, start: float, stamps: list[float], tokens: int, end: float) -> None:
         self.requests += 1
@@ -83,7 +84,7 @@ class Stats:
             "tpot_ms_p50": ms(_pct(self.tpot, 0.5)), "tpot_ms_p99": ms(_pct(self.tpot, 0.99)),
             "itl_ms_p50": ms(_pct(self.itl, 0.5)), "itl_ms_p99": ms(_pct(self.itl, 0.99)),
             "e2e_ms_p50": ms(_pct(self.e2e, 0.5)), "e2e_ms_p99": ms(_pct(self.e2e, 0.99)),
-            "errors": self.errors, "requests": self.requests, "tokens": self.tokens,
+            "errors": self.errors, "error_kinds": self.error_kinds, "requests": self.requests, "tokens": self.tokens,
         }
 
 
@@ -165,8 +166,10 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
                     stamps, _ = await _sse_request(session, url + "/v1/completions", body, events)
                     n = events.completion_tokens
                 stats.add(start, stamps, n, time.perf_counter())
-            except Exception:
+            except Exception as e:
                 stats.errors += 1
+                kind_name = f"{type(e).__name__}: {str(e)[:80]}"
+                stats.error_kinds[kind_name] = stats.error_kinds.get(kind_name, 0) + 1
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*[worker(session) for _ in range(concurrency)])
@@ -227,7 +230,7 @@ def bench_http(kind: str, server: Server, levels: list[int], per_level, tokens: 
         s["client_cpu_s_per_1k_tokens"] = round((_client_cpu() - client0) / k, 4)
         out[str(c)] = s
         print(f"{kind:14} c={c:<4} {s['output_tok_s']:>9} tok/s  ttft p50 {s['ttft_ms_p50']:>8} ms  "
-              f"api cpu/1k {s['api_cpu_s_per_1k_tokens']}  errors {s['errors']}", flush=True)
+              f"api cpu/1k {s['api_cpu_s_per_1k_tokens']}  errors {s['errors']} {s['error_kinds'] or ''}", flush=True)
     return out
 
 
@@ -327,12 +330,14 @@ def report(results: dict, levels: list[int], chart: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per level = max(c x this, 16)")
     ap.add_argument("--cells", default="tgi_stream,tgi_generate,vllm_stream,in_process")
     ap.add_argument("--smoke", action="store_true", help="c=1,4, few requests, no chart")
+    ap.add_argument("--results", default=str(RESULTS), help="output folder")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     tokens, mult = args.tokens, args.requests
@@ -340,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         levels, tokens, mult = [1, 4], 16, 2
     per_level = lambda c: max(c * mult, 16 if not args.smoke else 4)  # noqa: E731
     cells = args.cells.split(",")
+    RESULTS = Path(args.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     from tgi_compat.tiny_model import build_tiny_model
