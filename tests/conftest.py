@@ -32,6 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``url`` until it answers 200; False on timeout or if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 class ServerProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None, log_name: str = "server"):
         self.port = free_port()
@@ -51,17 +66,8 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+        if not wait_http_ok(f"{self.url}/health", timeout, self.proc):
+            raise RuntimeError(f"server not ready (exit status {self.proc.poll()}):\n{self.log_tail()}")
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -127,7 +133,9 @@ class MainServer:
 def main_server(otlp_collector):
     external = os.environ.get("TGI_COMPAT_TEST_URL")
     if external:
-        yield MainServer(external.rstrip("/"), None)
+        # TGI_COMPAT_TEST_LOG: that server's log file, for the log tests.
+        log = os.environ.get("TGI_COMPAT_TEST_LOG")
+        yield MainServer(external.rstrip("/"), Path(log) if log else None)
         return
     server = ServerProcess(
         [

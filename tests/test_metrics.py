@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_http_ok
 from tgi_compat.metrics import TGIMetrics, duration_buckets
 
 
@@ -107,16 +107,7 @@ def prometheus(server_url):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError((tmp / "prometheus.log").read_text()[-2000:])
+        assert wait_http_ok(f"{url}/-/ready", 60, proc), (tmp / "prometheus.log").read_text()[-2000:]
         yield url
     finally:
         proc.terminate()
