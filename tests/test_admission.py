@@ -17,7 +17,8 @@ from tgi_compat.errors import OverloadedError as OurOverloaded
 
 OVERLOADED = b'data:{"error":"Model is overloaded","error_type":"overloaded"}\n\n'
 # Greedy decoding of this prompt does not hit EOS on the tiny model: a long stream.
-LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 400}}
+# ~4 s at batch 32: the held streams must outlive the overload checks.
+LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1000}}
 
 
 def test_limiter_unit():
@@ -72,7 +73,7 @@ async def test_cap_rejects_exactly_the_extra_requests(server_url, http):
             raw = first + b"".join([c async for c in chunks])
             await response.aclose()
             last = json.loads(raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1][5:])
-            assert last["generated_text"] is not None and last["index"] == 400
+            assert last["generated_text"] is not None and last["index"] == 1000
     assert wait_idle(http) == (0, 0)
 
 

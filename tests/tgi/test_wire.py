@@ -226,36 +226,48 @@ def _raw_request(port: int, body: bytes, path: str) -> socket.socket:
     return s
 
 
-def _assert_aborted(http, before: float, requests: int) -> None:
-    assert wait_idle(http) == (0, 0)
+def _aborted(http, before: float, requests: int) -> bool:
+    assert wait_idle(http) == (0, 0)  # never a leak, aborted or not
     time.sleep(1.0)  # anything still generating would keep counting
     produced = generated_tokens(http) - before
-    assert produced < requests * LONG["parameters"]["max_new_tokens"] / 2, produced
+    return produced < requests * LONG["parameters"]["max_new_tokens"] / 2
+
+
+# Up to 3 rounds: on this shared 2-core box the test client can be descheduled long
+# enough for the ~2 s generations to finish before it closes its sockets (seen once in
+# CI); an abort in any round shows the disconnect reached the engine.
+ROUNDS = 3
 
 
 def test_disconnect_mid_stream_aborts_engine_request(http, server_url):
     port = int(server_url.rsplit(":", 1)[1])
-    before = generated_tokens(http)
     body = json.dumps(LONG).encode()
-    socks = [_raw_request(port, body, "/generate_stream") for _ in range(4)]
-    for s in socks:
-        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # streaming has begun
-    for s in socks:
-        s.close()
-    _assert_aborted(http, before, 4)
+    for _ in range(ROUNDS):
+        before = generated_tokens(http)
+        socks = [_raw_request(port, body, "/generate_stream") for _ in range(4)]
+        for s in socks:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")  # streaming has begun
+        for s in socks:
+            s.close()
+        if _aborted(http, before, 4):
+            return
+    pytest.fail("closing the streams never stopped their generation")
 
 
 def test_disconnect_during_non_stream_aborts_engine_request(http, server_url):
     port = int(server_url.rsplit(":", 1)[1])
-    before = generated_tokens(http)
     body = json.dumps(LONG).encode()
-    socks = [_raw_request(port, body, "/generate") for _ in range(4)]
-    deadline = time.monotonic() + 10
-    while "tgi_compat_engine_requests 0" in http.get("/metrics").text and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for s in socks:
-        s.close()
-    _assert_aborted(http, before, 4)
+    for _ in range(ROUNDS):
+        before = generated_tokens(http)
+        socks = [_raw_request(port, body, "/generate") for _ in range(4)]
+        deadline = time.monotonic() + 10
+        while "tgi_compat_engine_requests 0" in http.get("/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for s in socks:
+            s.close()
+        if _aborted(http, before, 4):
+            return
+    pytest.fail("closing the connections never stopped their generation")
     # The server still serves normally afterwards.
     assert http.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
