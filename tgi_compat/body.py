@@ -36,6 +36,22 @@ async def parse_json_body(request: Request, model: type[M]) -> M:
         raise _body_error(e) from None
 
 
+async def parse_json_body_union(request: Request, models: tuple[type[BaseModel], ...], name: str) -> BaseModel:
+    """serde's untagged enum: the first model the body fits wins."""
+    if not is_json_content_type(request.headers.get("content-type")):
+        raise unsupported_content_type()
+    raw = await request.body()
+    first: pydantic.ValidationError | None = None
+    for model in models:
+        try:
+            return model.model_validate_json(raw)
+        except pydantic.ValidationError as e:
+            if any(err["type"] == "json_invalid" for err in e.errors(include_url=False, include_input=False)):
+                raise _body_error(e) from None
+            first = first or e
+    raise json_data_error(f"data did not match any variant of untagged enum {name}") from None
+
+
 def _body_error(e: pydantic.ValidationError):
     errors = e.errors(include_url=False, include_input=False)
     for err in errors:

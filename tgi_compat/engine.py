@@ -38,6 +38,18 @@ def build_engine_args(model: str, tgi_flags: list[str], passthrough: list[str]):
     ns = engine_arg_parser().parse_args(["--model", model, *tgi_flags, *passthrough])
     args = AsyncEngineArgs.from_cli_args(ns)
     given = " ".join(passthrough)
+    if "--structured-outputs-config" not in given:
+        # JSON grammars are generated compact: TGI's outlines regex allows at most one
+        # space between tokens, and a model free to emit unbounded whitespace (vLLM's
+        # default) may never close the object.
+        # vLLM allows that only with a named backend; llguidance covers the most JSON
+        # schema and regex.
+        so = args.structured_outputs_config
+        if so.backend == "auto":
+            so.backend = "guidance"
+        so.disable_any_whitespace = True
+        # outlines (TGI) allows only the listed properties unless told otherwise.
+        so.disable_additional_properties = True
     if _on_cpu() and "--gpu-memory-utilization" not in given and "--kv-cache-memory" not in given:
         # On CPU, gpu_memory_utilization is a share of NUMA node 0's RAM and vLLM's
         # default (0.92) fails on small hosts; a fixed KV cache is the portable default.
@@ -74,6 +86,38 @@ def _step_logger_factory(engine: Engine):
     return StepLogger
 
 
+def _structured_outputs(kind: str, value):
+    """vLLM's structured-outputs constraint for a TGI grammar."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kind == "regex":
+        return StructuredOutputsParams(regex=value)
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=_objects_typed(value))
+
+
+def _objects_typed(schema):
+    """outlines (TGI) reads a schema with ``properties`` as an object; JSON Schema
+    itself also accepts non-objects there, so say it explicitly."""
+    if isinstance(schema, dict):
+        out = {k: _objects_typed(v) for k, v in schema.items()}
+        if "properties" in out and "type" not in out:
+            out["type"] = "object"
+        return out
+    if isinstance(schema, list):
+        return [_objects_typed(v) for v in schema]
+    return schema
+
+
+def is_request_error(exc: BaseException) -> bool:
+    """vLLM refused the request itself (e.g. a grammar it cannot compile), as opposed
+    to failing while running it."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(exc, (ValueError, VLLMClientError))
+
+
 class Engine:
     """A running vLLM ``AsyncLLM`` and the served model's tokenizer."""
 
@@ -103,6 +147,9 @@ class Engine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        structured = sampling.pop("structured", None)
+        if structured is not None:
+            sampling["structured_outputs"] = _structured_outputs(*structured)
         params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
         return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
 

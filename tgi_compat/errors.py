@@ -99,6 +99,41 @@ class UnhealthyError(TGIError):
         super().__init__(message)
 
 
+class TemplateError(TGIError):
+    """The chat template is missing or failed to render (minijinja's error in TGI)."""
+
+    status_code = 422
+    error_type = "template_error"
+
+    def __init__(self, message: str):
+        super().__init__(f"Template error: {message}")
+
+
+class ToolError(TGIError):
+    status_code = 422
+    error_type = "tool_error"
+
+    def __init__(self, message: str):
+        super().__init__(f"Tool error: {message}")
+
+
+class RouteError(TGIError):
+    """The ad-hoc 422s of TGI's OpenAI routes, each with its own ``error_type``
+    (``suffix not supported``, ``batch size exceeded``)."""
+
+    status_code = 422
+
+    def __init__(self, message: str, error_type: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def openai_stream_error(e: TGIError) -> bytes:
+    """How TGI's OpenAI routes put an error in a stream (``InferError::into_openai_event``):
+    OpenAI's ``{"error": {...}}`` shape, always with ``http_status_code`` 422."""
+    return b"data:" + orjson.dumps({"error": {"message": e.message, "http_status_code": 422}}) + b"\n\n"
+
+
 class BodyError(Exception):
     """A request body the JSON extractor rejects. TGI (axum) answers these in plain text."""
 

@@ -17,11 +17,14 @@ import tgi_compat
 from tgi_compat import openapi
 from tgi_compat.admission import ConcurrencyLimiter
 from tgi_compat.body import parse_json_body
+from tgi_compat.chat_template import ChatTemplate
 from tgi_compat.config import Config, ConfigError
 from tgi_compat.errors import BodyError, TGIError, UnhealthyError
 from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.metrics import TGIMetrics
 from tgi_compat.middleware import PayloadLimitMiddleware
+from tgi_compat.openai.api_router import build_router as build_openai_router
+from tgi_compat.openai.serving import OpenAIServing
 from tgi_compat.tgi.api_router import build_router
 from tgi_compat.tgi.protocol import ErrorResponse, GenerateRequest, Info
 from tgi_compat.tgi.serving import TGIServing
@@ -128,6 +131,13 @@ def create_app(config: Config, engine=None) -> FastAPI:
             "sha": _git_sha(),
             "docker_label": None,
         }
+        app.state.openai = OpenAIServing(
+            app.state.tgi,
+            ChatTemplate.from_tokenizer(engine.tokenizer.hf),
+            model_id=model_id,
+            version=tgi_compat.__version__,
+            max_client_batch_size=config.max_client_batch_size,
+        )
         # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
         app.state.full_text_default = app.state.info["model_pipeline_tag"] in (None, "text-generation")
         logger.info(
@@ -185,6 +195,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
         )
 
     app.include_router(build_router(auth))
+    app.include_router(build_openai_router(auth))
 
     health_responses = {
         200: {"description": "Everything is working fine (empty body)"},

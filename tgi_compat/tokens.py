@@ -31,6 +31,10 @@ class Tokenizer:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return self.hf(text, add_special_tokens=add_special_tokens).input_ids
 
+    def encode_no_special(self, text: str) -> list[int]:
+        """For prompts already rendered by a chat template (which adds its own BOS)."""
+        return self.encode(text, add_special_tokens=False)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.backend is not None:
             return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -43,9 +47,9 @@ class Tokenizer:
             text = self._single[token_id] = self.decode([token_id], skip_special_tokens=False)
         return text
 
-    def offsets(self, text: str) -> list[tuple[int, str, int, int]]:
+    def offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, str, int, int]]:
         """(id, text, start, stop) per token, with byte offsets into ``text``."""
-        enc = self.hf(text, add_special_tokens=True, return_offsets_mapping=True)
+        enc = self.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         out = []
         # Character offsets -> UTF-8 byte offsets.
         byte_pos = [0]

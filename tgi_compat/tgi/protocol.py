@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -27,10 +27,33 @@ class _Strict(BaseModel):
 
 
 class Grammar(_Strict):
+    """TGI's ``GrammarType`` (serde adjacently tagged: ``{"type", "value"}``)."""
+
     type: Literal["json", "json_object", "json_schema", "regex"] = Field(
-        description="`json`/`json_object` take a JSON schema, `json_schema` takes `{name?, schema}`, `regex` a regex."
+        description="`json`/`json_object` take a JSON schema (an object or a JSON string), "
+        "`json_schema` takes `{name?, schema}`, `regex` a regex."
     )
-    value: Any = Field(description="The schema, or the regex string.")
+    value: Any = Field(
+        None,
+        description="The schema, or the regex string. Required except for `json_object`, where "
+        "an absent value means any JSON object (OpenAI's JSON mode; TGI requires a schema).",
+    )
+
+    @model_validator(mode="after")
+    def _value_shape(self) -> Grammar:
+        check_grammar_shape(self)
+        return self
+
+
+def check_grammar_shape(g: Grammar) -> None:
+    """What serde rejects while deserializing a grammar (a plain-text 422 in TGI);
+    semantic checks (meta-schema, `properties`) are validation errors (validation.py)."""
+    if "value" not in g.model_fields_set and g.type != "json_object":
+        raise ValueError("missing field `value`")
+    if g.type == "regex" and not isinstance(g.value, str):
+        raise ValueError("invalid type: expected a string for a `regex` grammar")
+    if g.type == "json_schema" and not (isinstance(g.value, dict) and "schema" in g.value):
+        raise ValueError("missing field `schema` in a `json_schema` grammar")
 
 
 class GenerateParameters(_Strict):

@@ -2,7 +2,7 @@
 
 ``TGIServing`` holds the engine and turns one validated request into TGI's responses:
 a ``GenerateResponse`` dict, or a stream of ``StreamResponse`` SSE frames. The per-token
-work (``_Generation.absorb``) is plain Python on lists and small dicts; pydantic is
+work (``Generation.absorb``) is plain Python on lists and small dicts; pydantic is
 only used to parse the request.
 """
 
@@ -24,13 +24,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tgi_compat.admission import ConcurrencyLimiter, Permit
-from tgi_compat.engine import Engine
+from tgi_compat.engine import Engine, is_request_error
 from tgi_compat.errors import (
     GenerationError,
     IncompleteGenerationError,
     IncompleteGenerationStreamError,
     ShuttingDownError,
     TGIError,
+    ValidationError,
 )
 from tgi_compat.lifecycle import Lifecycle
 from tgi_compat.metrics import TGIMetrics
@@ -55,7 +56,7 @@ def compute_type() -> str:
     return os.environ.get("COMPUTE_TYPE") or "gpu+optimized"
 
 
-class _Generation:
+class Generation:
     """Engine outputs of one request turned into TGI tokens, one entry per token."""
 
     __slots__ = (
@@ -148,6 +149,9 @@ class _Generation:
             "special": tid in self.special,
         }
 
+    def tokens(self) -> list[dict]:
+        return [self.token(i) for i in range(len(self.ids))]
+
     def generated_text(self) -> str:
         return self.tok.decode(self.ids, skip_special_tokens=True)
 
@@ -161,16 +165,20 @@ _ERR_LABELS = {
     "generation": "generation",
     "incomplete_generation": "incomplete",
     "incomplete_generation_stream": "incomplete",
+    "template_error": "template",
+    "tool_error": "tool",
+    "suffix not supported": "validation",
+    "batch size exceeded": "validation",
 }
 
 
-class _Request:
+class RequestContext:
     """One HTTP generation request: ids, route and timings for logs, metrics and headers."""
 
     __slots__ = ("id", "engine_id", "route", "start", "enqueued", "input_length", "headers", "trace_headers")
 
-    def __init__(self, request: Request, route: str):
-        self.id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    def __init__(self, request: Request, route: str, request_id: str | None = None):
+        self.id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
         # Engine ids must be unique even when clients reuse an x-request-id.
         self.engine_id = f"tgi-{next(_ids)}"
         self.route = route
@@ -187,7 +195,7 @@ class Timings:
 
     __slots__ = ("total", "validation", "queue", "inference")
 
-    def __init__(self, r: _Request, gen: _Generation | None, end: float):
+    def __init__(self, r: RequestContext, gen: Generation | None, end: float):
         self.total = end - r.start
         self.validation = r.enqueued - r.start
         queue = gen.queue_seconds if gen is not None else 0.0
@@ -217,7 +225,9 @@ class TGIServing:
 
     # --- admission and validation (TGI's order, §2.1) ---
 
-    def _admit(self, req: GenerateRequest, r: _Request, *, stream: bool) -> tuple[Permit, ValidRequest]:
+    def _admit(
+        self, req: GenerateRequest, r: RequestContext, *, stream: bool, add_special_tokens: bool = True
+    ) -> tuple[Permit, ValidRequest]:
         params = req.parameters
         if self.lifecycle.draining:
             raise ShuttingDownError()
@@ -228,7 +238,9 @@ class TGIServing:
         best_of = 1 if stream else check_best_of(params, self.limits)
         permit = self.limiter.try_acquire(best_of)
         try:
-            valid = validate(req.inputs, params, self.limits, self.engine.tokenizer.encode)
+            tok = self.engine.tokenizer
+            tokenize = tok.encode if add_special_tokens else tok.encode_no_special
+            valid = validate(req.inputs, params, self.limits, tokenize)
         except BaseException:
             permit.release()
             raise
@@ -240,7 +252,7 @@ class TGIServing:
 
     # --- outcomes: one log line and the metrics per finished request ---
 
-    def _failed(self, r: _Request, err: str, status: int, message: str) -> None:
+    def _failed(self, r: RequestContext, err: str, status: int, message: str) -> None:
         self.metrics.request_failure.inc(err)
         fields = {"request_id": r.id, "route": r.route, "status": status, "error": err,
                   "prompt_tokens": r.input_length, "total_ms": int((time.monotonic() - r.start) * 1000)}
@@ -248,10 +260,15 @@ class TGIServing:
         if self.tracer is not None:
             self.tracer.record(r, None, Timings(r, None, time.monotonic()), error=f"{err}: {message}")
 
-    def _failed_with(self, r: _Request, e: TGIError) -> None:
+    def reject(self, r: RequestContext, e: TGIError) -> None:
+        """A request refused before it reached admission (a chat template that fails)."""
+        self.metrics.request_count.inc()
+        self._failed_with(r, e)
+
+    def _failed_with(self, r: RequestContext, e: TGIError) -> None:
         self._failed(r, _ERR_LABELS.get(e.error_type, e.error_type), e.status_code, e.message)
 
-    def _succeeded(self, r: _Request, gen: _Generation, t: Timings) -> None:
+    def _succeeded(self, r: RequestContext, gen: Generation, t: Timings) -> None:
         n = len(gen.ids)
         self.metrics.success(validation=t.validation, queue=t.queue, inference=t.inference, total=t.total, generated=n)
         fields = {
@@ -266,23 +283,41 @@ class TGIServing:
 
     # --- non-stream ---
 
+    async def run(self, req: GenerateRequest, r: RequestContext, *, add_special_tokens: bool = True) -> tuple[Generation, Timings]:
+        """One whole generation: admission, validation, engine, metrics and log line.
+
+        Raises ``TGIError`` (already counted and logged); on cancellation (the client
+        left) the generation is aborted and counted as ``dropped``. Every route that
+        returns a finished generation (TGI's, OpenAI's) goes through here.
+        """
+        self.metrics.request_count.inc()
+        try:
+            permit, valid = self._admit(req, r, stream=False, add_special_tokens=add_special_tokens)
+            with permit:
+                gen = Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
+                await self._collect(gen, r.engine_id)
+        except TGIError as e:
+            self._failed_with(r, e)
+            raise
+        except asyncio.CancelledError:
+            self._failed(r, "dropped", 499, "client disconnected")
+            raise
+        t = Timings(r, gen, time.monotonic())
+        self._succeeded(r, gen, t)
+        return gen, t
+
     async def generate(
         self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool, as_list: bool
     ) -> Response:
-        self.metrics.request_count.inc()
-        r = _Request(request, route)
+        r = RequestContext(request, route)
         try:
-            permit, valid = self._admit(req, r, stream=False)
-            with permit:
-                gen = _Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
-                if await _run_until_disconnect(request, self._collect(gen, r.engine_id)):
-                    self._failed(r, "dropped", 499, "client disconnected")
-                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            result = await until_disconnect(request, self.run(req, r))
         except TGIError as e:
-            self._failed_with(r, e)
             return e.response(headers=r.headers)
-        t = Timings(r, gen, time.monotonic())
-        self._succeeded(r, gen, t)
+        if result is CLIENT_GONE:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        gen, t = result
+        valid = gen.valid
 
         text = gen.generated_text()
         if _full_text(req.parameters, full_text_default):
@@ -294,37 +329,42 @@ class TGIServing:
                 "generated_tokens": len(gen.ids),
                 "seed": gen.reported_seed(),
                 "prefill": gen.prefill or [],
-                "tokens": [gen.token(i) for i in range(len(gen.ids))],
+                "tokens": gen.tokens(),
             }
             if valid.top_n_tokens:
                 details["top_tokens"] = gen.top
             body["details"] = details
-
-        n = len(gen.ids)
-        headers = {
-            "x-compute-type": self.compute_type,
-            "x-compute-characters": str(len(req.inputs)),
-            "x-compute-time": f"{t.total:.6f}",
-            "x-total-time": str(int(t.total * 1000)),
-            "x-validation-time": str(int(t.validation * 1000)),
-            "x-queue-time": str(int(t.queue * 1000)),
-            "x-inference-time": str(int(t.inference * 1000)),
-            "x-time-per-token": str(int(t.inference * 1000 / n) if n else 0),
-            "x-prompt-tokens": str(valid.input_length),
-            "x-generated-tokens": str(n),
-            **r.headers,
-        }
+        headers = {**self.timing_headers([(gen, t, len(req.inputs))]), **r.headers}
         payload = orjson.dumps([body] if as_list else body)
         return Response(payload, media_type="application/json", headers=headers)
 
-    async def _collect(self, gen: _Generation, request_id: str) -> None:
+    def timing_headers(self, runs: list[tuple[Generation, Timings, int]]) -> dict[str, str]:
+        """TGI's §6 headers for finished generations (summed over several, as TGI's
+        /v1/completions does for a list of prompts)."""
+        total = sum(t.total for _, t, _ in runs)
+        inference = sum(t.inference for _, t, _ in runs)
+        n = sum(len(g.ids) for g, _, _ in runs)
+        return {
+            "x-compute-type": self.compute_type,
+            "x-compute-characters": str(sum(c for _, _, c in runs)),
+            "x-compute-time": f"{total:.6f}",
+            "x-total-time": str(int(total * 1000)),
+            "x-validation-time": str(int(sum(t.validation for _, t, _ in runs) * 1000)),
+            "x-queue-time": str(int(sum(t.queue for _, t, _ in runs) * 1000)),
+            "x-inference-time": str(int(inference * 1000)),
+            "x-time-per-token": str(int(inference * 1000 / n) if n else 0),
+            "x-prompt-tokens": str(sum(g.valid.input_length for g, _, _ in runs)),
+            "x-generated-tokens": str(n),
+        }
+
+    async def _collect(self, gen: Generation, request_id: str) -> None:
         async with aclosing(self._drive(gen, request_id, token_logprobs=gen.valid.details)) as steps:
             async for _ in steps:
                 pass
         if gen.finish_reason is None:
             raise IncompleteGenerationError()
 
-    async def _drive(self, gen: _Generation, request_id: str, *, token_logprobs: bool) -> AsyncIterator[None]:
+    async def _drive(self, gen: Generation, request_id: str, *, token_logprobs: bool) -> AsyncIterator[None]:
         """Feed engine outputs into ``gen``, yielding after each, until it finishes.
 
         Ends early (without ``finish_reason``) if the engine's stream ends first. The
@@ -345,9 +385,14 @@ class TGIServing:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # EngineDeadError, EngineGenerateError, a rejected request...
-            life.generation_healthy = False
             cause = e.__cause__ or e
             message = str(cause) or type(cause).__name__
+            if not gen.ids and is_request_error(cause):
+                # vLLM refused the request when it was added: a grammar it cannot compile...
+                if gen.valid.grammar is not None:
+                    message = f"grammar is not valid: {message}"
+                raise ValidationError(message) from e
+            life.generation_healthy = False
             logger.warning("engine failure on %s: %s: %s", request_id, type(cause).__name__, message)
             raise GenerationError(message) from e
         finally:
@@ -356,28 +401,34 @@ class TGIServing:
 
     # --- stream ---
 
-    def generate_stream(self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool) -> Response:
-        self.metrics.request_count.inc()
-        r = _Request(request, route)
-        headers = {
-            "x-compute-type": self.compute_type,
-            "x-compute-characters": str(len(req.inputs)),
-            **r.headers,
-        }
-        return TGIEventStream(self._frames(req, r, full_text_default), headers=headers, keep_alive=self.keep_alive)
+    def stream_headers(self, r: RequestContext, characters: int) -> dict[str, str]:
+        return {"x-compute-type": self.compute_type, "x-compute-characters": str(characters), **r.headers}
 
-    async def _frames(self, req: GenerateRequest, r: _Request, full_text_default: bool) -> AsyncIterator[bytes]:
+    def generate_stream(self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool) -> Response:
+        r = RequestContext(request, route)
+        fmt = TGIStreamFormat(req, full_text_default)
+        return TGIEventStream(
+            self.frames(req, r, fmt), headers=self.stream_headers(r, len(req.inputs)), keep_alive=self.keep_alive
+        )
+
+    async def frames(
+        self, req: GenerateRequest, r: RequestContext, fmt: StreamFormat, *, add_special_tokens: bool = True
+    ) -> AsyncIterator[bytes]:
+        """SSE frames of one streamed generation, one event per token, shaped by ``fmt``.
+
+        Admission, validation, disconnect abort, metrics and logs are the same for
+        every streaming route; only the event shapes differ.
+        """
+        self.metrics.request_count.inc()
         try:
-            permit, valid = self._admit(req, r, stream=True)
+            permit, valid = self._admit(req, r, stream=True, add_special_tokens=add_special_tokens)
         except TGIError as e:
             self._failed_with(r, e)
-            yield e.sse_frame()
+            yield fmt.error(e)
             return
         finished = False
         with permit:
-            gen = _Generation(valid, self.engine, token_text=True, token_logprobs=True)
-            dumps = orjson.dumps
-            top_n = valid.top_n_tokens
+            gen = Generation(valid, self.engine, token_text=True, token_logprobs=True)
             sent = 0
             try:
                 # aclosing: the driver's cleanup (abort, unregister) runs when we return.
@@ -387,17 +438,10 @@ class TGIServing:
                         if done and not gen.ids:
                             break
                         last = len(gen.ids) - 1 if done else len(gen.ids)
-                        frames = []
-                        for i in range(sent, last):
-                            event = {"index": i + 1, "token": gen.token(i)}
-                            if top_n:
-                                event["top_tokens"] = gen.top[i]
-                            event["generated_text"] = None
-                            event["details"] = None
-                            frames.append(b"data:" + dumps(event) + b"\n\n")
+                        frames = fmt.tokens(gen, sent, last) if last > sent else []
                         sent = max(last, sent)
                         if done:
-                            frames.append(self._final_frame(gen, req, full_text_default))
+                            frames.append(fmt.final(gen))
                             finished = True
                             self._succeeded(r, gen, Timings(r, gen, time.monotonic()))
                             yield b"".join(frames)
@@ -408,19 +452,65 @@ class TGIServing:
                 error = IncompleteGenerationStreamError()
                 self._failed_with(r, error)
                 finished = True
-                yield error.sse_frame()
+                yield fmt.error(error)
             except TGIError as e:
                 self._failed_with(r, e)
                 finished = True
-                yield e.sse_frame()
+                yield fmt.error(e)
+            except StopStream:
+                finished = True  # the route ends this generation itself (and starts another)
+                raise
             finally:
                 if not finished:  # the client went away mid-stream
                     self._failed(r, "dropped", 499, "client disconnected")
 
-    def _final_frame(self, gen: _Generation, req: GenerateRequest, full_text_default: bool) -> bytes:
+
+class StopStream(Exception):
+    """Raised by a ``StreamFormat`` to end its generation early, without an error event
+    (TGI's chat stream does this when the model picks ``no_tool``)."""
+
+
+class StreamFormat:
+    """The event shapes of one streaming route. ``tokens`` gives the frames of the
+    intermediate tokens ``start..end-1``, ``final`` the last token's frame(s)."""
+
+    def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
+        raise NotImplementedError
+
+    def final(self, gen: Generation) -> bytes:
+        raise NotImplementedError
+
+    def error(self, e: TGIError) -> bytes:
+        return e.sse_frame()
+
+
+class TGIStreamFormat(StreamFormat):
+    """TGI's ``StreamResponse`` events (§3.1)."""
+
+    __slots__ = ("req", "full_text_default")
+
+    def __init__(self, req: GenerateRequest, full_text_default: bool):
+        self.req = req
+        self.full_text_default = full_text_default
+
+    def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
+        dumps = orjson.dumps
+        top_n = gen.valid.top_n_tokens
+        frames = []
+        for i in range(start, end):
+            event = {"index": i + 1, "token": gen.token(i)}
+            if top_n:
+                event["top_tokens"] = gen.top[i]
+            event["generated_text"] = None
+            event["details"] = None
+            frames.append(b"data:" + dumps(event) + b"\n\n")
+        return frames
+
+    def final(self, gen: Generation) -> bytes:
+        req = self.req
         i = len(gen.ids) - 1
         text = gen.generated_text()
-        if _full_text(req.parameters, full_text_default):
+        if _full_text(req.parameters, self.full_text_default):
             text = req.inputs + text
         event: dict[str, Any] = {"index": i + 1, "token": gen.token(i)}
         if gen.valid.top_n_tokens:
@@ -461,9 +551,12 @@ async def _close(outputs: AsyncIterator, engine: Engine, request_id: str, finish
                 await engine.abort(request_id)
 
 
-async def _run_until_disconnect(request: Request, work) -> bool:
-    """Run ``work``; if the client goes away first, cancel it (which aborts the engine
-    request) and return True.
+CLIENT_GONE = object()
+
+
+async def until_disconnect(request: Request, work):
+    """Await ``work``; if the client goes away first, cancel it (which aborts its engine
+    requests) and return ``CLIENT_GONE``.
 
     Starlette does not cancel a non-stream handler when its client disconnects, so the
     handler watches the connection itself.
@@ -481,9 +574,8 @@ async def _run_until_disconnect(request: Request, work) -> bool:
                 pass
         watcher.cancel()
     if task.cancelled():
-        return True
-    task.result()
-    return False
+        return CLIENT_GONE
+    return task.result()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -9,12 +9,16 @@ prefix.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
 
 from tgi_compat.errors import ValidationError
-from tgi_compat.tgi.protocol import GenerateParameters
+from tgi_compat.tgi.protocol import GenerateParameters, Grammar
 
 # TGI checks the total length against at most this many new tokens when
 # `max_new_tokens` is absent (it re-queues long generations in chunks of it).
@@ -50,6 +54,8 @@ class ValidRequest:
     top_n_tokens: int
     details: bool
     decoder_input_details: bool
+    # ("json", schema) | ("json_object", True) | ("regex", pattern): vLLM structured outputs
+    grammar: tuple[str, Any] | None = None
 
 
 def check_stream(params: GenerateParameters) -> None:
@@ -166,8 +172,11 @@ def validate(
             f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}"
         )
 
-    if p.grammar is not None and not limits.grammar_enabled:
-        raise ValidationError("grammar is not supported")
+    grammar = None
+    if p.grammar is not None:
+        if not limits.grammar_enabled:
+            raise ValidationError("grammar is not supported")
+        grammar = check_grammar(p.grammar)
 
     # Parameters TGI accepts that this server does not implement yet: refuse them
     # clearly rather than silently ignore them.
@@ -175,7 +184,6 @@ def validate(
         ("best_of", best_of > 1),
         ("typical_p", p.typical_p is not None),
         ("watermark", p.watermark),
-        ("grammar", p.grammar is not None),
         ("adapter_id", p.adapter_id is not None),
     ):
         if given:
@@ -199,7 +207,36 @@ def validate(
         top_n_tokens=top_n_tokens,
         details=p.details or p.decoder_input_details,
         decoder_input_details=p.decoder_input_details,
+        grammar=grammar,
     )
+
+
+def check_grammar(g: Grammar) -> tuple[str, Any]:
+    """TGI's grammar checks (validation.rs): a JSON schema must be an object (or a JSON
+    string holding one), pass the 2020-12 meta-schema and have top-level ``properties``;
+    a regex is not checked here (the engine refuses one it cannot compile)."""
+    if g.type == "regex":
+        return ("regex", g.value)
+    if g.type == "json_object" and "value" not in g.model_fields_set:
+        return ("json_object", True)
+    if g.type == "json_schema":
+        schema = g.value["schema"]
+    else:
+        schema = g.value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ValidationError(f"grammar is not valid: {e}") from e
+        elif not isinstance(schema, dict):
+            raise ValidationError("grammar is not supported")
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ValidationError(f"grammar is not valid: {e.message}") from e
+    if not isinstance(schema, dict) or "properties" not in schema:
+        raise ValidationError("grammar is not valid: Grammar must have a 'properties' field")
+    return ("json", schema)
 
 
 def sampling_kwargs(v: ValidRequest, *, token_logprobs: bool) -> dict:
@@ -220,6 +257,8 @@ def sampling_kwargs(v: ValidRequest, *, token_logprobs: bool) -> dict:
         kw.update(temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, seed=v.seed)
     else:
         kw["temperature"] = 0.0  # vLLM samples at 1.0 by default; TGI decodes greedily
+    if v.grammar is not None:
+        kw["structured"] = v.grammar
     if token_logprobs or v.top_n_tokens:
         kw["logprobs"] = v.top_n_tokens
     if v.decoder_input_details:

@@ -1,0 +1,132 @@
+"""Chat templates rendered as TGI renders them (router/src/infer/chat_template.rs).
+
+TGI renders the model's Jinja template with minijinja; we use Jinja2's sandbox (the
+engine transformers uses). What TGI does around the template is reproduced:
+
+- every message is flattened to ``{"role", "content"}`` with ``content`` a string: text
+  chunks are joined, an image chunk becomes ``![](url)``, a message carrying
+  ``tool_calls`` gets them as compact JSON text;
+- the template sees ``messages``, ``bos_token``, ``eos_token``,
+  ``add_generation_prompt=True`` and ``tools``, plus ``raise_exception`` and
+  ``strftime_now``;
+- with tools, ``"\\n---\\n" + tools JSON + "\\n" + tool prompt`` is appended to the last
+  message when the template does not read ``tools`` itself (only the prompt otherwise);
+- a conversation ending with an assistant message is continued: the output is cut
+  right after that message's content (as the transformers pipeline does);
+- TGI's template rewrites (gemma3's ``messages[0]['content'][0]['text']``, dropping
+  ``{% generation %}`` markers) are applied.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tgi_compat.errors import TemplateError, ToolError
+
+
+def compact_json(value: Any) -> str:
+    """serde_json's ``to_string``: no spaces, non-ASCII kept."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class _RaisedError(Exception):
+    pass
+
+
+def _raise_exception(message: str):
+    raise _RaisedError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str | None, eos_token: str | None):
+        source = source.replace("messages[0]['content'][0]['text']", "messages[0]['content']")
+        source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+        env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        self.template = env.from_string(source)
+        # A template that does not read `tools` gets them appended to the last message.
+        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    @classmethod
+    def from_tokenizer(cls, hf_tokenizer) -> ChatTemplate | None:
+        """The tokenizer's default template (tokenizer_config.json or chat_template.jinja)."""
+        source = getattr(hf_tokenizer, "chat_template", None)
+        if isinstance(source, dict):  # named templates: TGI uses "default"
+            source = source.get("default")
+        elif isinstance(source, list):
+            source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        if not source:
+            return None
+        return cls(source, _token_str(hf_tokenizer.bos_token), _token_str(hf_tokenizer.eos_token))
+
+    def render(self, messages: list[dict[str, str]], tools: list[dict] | None = None, tool_prompt: str = "") -> str:
+        """``messages`` already flattened (``flatten_message``); ``tools`` as TGI
+        serializes them (``Tool`` with ``arguments`` as a JSON string)."""
+        messages = [dict(m) for m in messages]
+        if tools is not None:
+            if self.reads_tools:
+                extra = f"\n---\n{tool_prompt}"
+            else:
+                try:
+                    extra = f"\n---\n{compact_json(tools)}\n{tool_prompt}"
+                except (TypeError, ValueError) as e:
+                    raise ToolError(str(e)) from e
+            if messages and not messages[-1].get("_tool_calls"):
+                messages[-1]["content"] += extra
+        final = messages[-1] if messages else None
+        for m in messages:
+            m.pop("_tool_calls", None)
+        try:
+            rendered = self.template.render(
+                messages=messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=True,
+                tools=tools,
+            )
+        except _RaisedError as e:
+            raise TemplateError(f"syntax error: {e}") from None
+        except jinja2.TemplateError as e:
+            raise TemplateError(str(e)) from None
+        except Exception as e:  # a template can fail in many ways at render time
+            raise TemplateError(f"{type(e).__name__}: {e}") from None
+        if final is not None and final["role"] == "assistant":
+            cut = rendered.rfind(final["content"])
+            if cut >= 0:
+                rendered = rendered[: cut + len(final["content"])].rstrip()
+        return rendered
+
+
+def _token_str(token) -> str | None:
+    if token is None:
+        return None
+    return token if isinstance(token, str) else str(getattr(token, "content", token))
+
+
+def flatten_message(role: str, content: Any, tool_calls: list[dict] | None) -> dict[str, Any]:
+    """TGI's ``Message`` → ``TextMessage``: content as one string."""
+    if content is None and tool_calls is not None:
+        return {"role": role, "content": compact_json(tool_calls), "_tool_calls": True}
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    parts = []
+    for chunk in content:
+        if chunk["type"] == "text":
+            parts.append(chunk["text"])
+        else:
+            parts.append(f"![]({chunk['image_url']['url']})")
+    return {"role": role, "content": "".join(parts)}

@@ -1,0 +1,124 @@
+"""TGI's tool calling: a JSON-schema grammar over the offered functions
+(router/src/infer/tool_grammar.rs) and the parsing of what the model generated
+(router/src/chat.rs).
+
+The model is made to write ``{"function": {"_name": <tool>, <arguments>...}}``; with
+``tool_choice: "auto"`` a ``no_tool`` function is offered too, and choosing it makes
+TGI generate again without tools (an ordinary answer).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tgi_compat.chat_template import compact_json
+from tgi_compat.errors import ToolError
+from tgi_compat.openai.protocol import Tool
+
+NO_TOOL = "no_tool"
+
+DEFAULT_TOOL_PROMPT = (
+    "\nGiven the functions available, please respond with a JSON for a function call with its proper "
+    "arguments that best answers the given prompt. Respond in the format {name: function name, parameters: "
+    "dictionary of argument name and its value}.Do not use variables.\n"
+)
+
+_NO_TOOL_FUNCTION = {
+    "name": NO_TOOL,
+    "description": "Open ended response with no specific tool selected",
+    "arguments": {"type": "object"},
+}
+
+
+def tool_dict(name: str, description: str | None, arguments: Any) -> dict:
+    """A tool as TGI serializes it (to templates and prompts): ``arguments`` as JSON text."""
+    return {"type": "function", "function": {"description": description, "name": name,
+                                             "arguments": compact_json(arguments)}}
+
+
+def tool_grammar(tools: list[Tool], choice: str | tuple[str, str]) -> tuple[list[dict], dict] | None:
+    """(tools as the template sees them, JSON schema) or None when no tool may be used."""
+    offered = [(t.function.name, t.function.description, t.function.arguments) for t in tools]
+    if isinstance(choice, tuple):
+        name = choice[1]
+        found = [t for t in offered if t[0] == name]
+        if not found:
+            raise ToolError(f"Tool with name {name} not found")
+        use = found[:1]
+    elif choice == "required":
+        use = offered
+    elif choice == "auto":
+        use = [*offered, (NO_TOOL, _NO_TOOL_FUNCTION["description"], _NO_TOOL_FUNCTION["arguments"])]
+    else:  # "none"
+        use = []
+    if not use:
+        return None
+    functions = {}
+    for name, description, arguments in use:
+        properties: dict[str, Any] = {"_name": {"type": "string", "const": name}}
+        required: list[Any] = ["_name"]
+        params: dict[str, Any] = {"description": description or ""}
+        if isinstance(arguments, dict):
+            if isinstance(arguments.get("properties"), dict):
+                properties.update(arguments["properties"])
+            if isinstance(arguments.get("required"), list):
+                required.extend(arguments["required"])
+            # TGI's test: only the *string* "true" allows additional properties.
+            params["additionalProperties"] = arguments.get("additionalProperties") == "true"
+        params["properties"] = properties
+        params["required"] = required
+        functions[name] = params
+    schema = {
+        "$functions": functions,
+        "properties": {"function": {"anyOf": [{"$ref": f"#/$functions/{n}"} for n, _, _ in use]}},
+        # Not in TGI's schema, where `{}` is a valid answer that then fails to parse.
+        "required": ["function"],
+    }
+    return [tool_dict(n, d, a) for n, d, a in use], schema
+
+
+def engine_schema(schema: dict) -> dict:
+    """The same schema with its definitions under ``$defs``, where every JSON-schema
+    grammar compiler looks for ``$ref`` targets."""
+    text = json.dumps(schema).replace('"#/$functions/', '"#/$defs/')
+    out = json.loads(text)
+    out["$defs"] = out.pop("$functions")
+    return out
+
+
+def parse_call(text: str) -> tuple[str, dict] | None:
+    """``(name, arguments)`` if ``text`` is a complete call object, else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    function = value.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("_name"), str):
+        return None
+    args = {k: v for k, v in function.items() if k != "_name"}
+    return function["_name"], args
+
+
+def parse_output(text: str) -> tuple[str, dict]:
+    call = parse_call(text)
+    if call is None:
+        raise ToolError(f"Failed to parse generated text: {text!r}")
+    return call
+
+
+def next_tool_call_id(messages) -> str:
+    """TGI's stream tool-call id: one more than the largest integer id in the
+    conversation's tool calls, "0" when there are none."""
+    best = 0
+    for m in messages:
+        for call in m.tool_calls or ():
+            try:
+                best = max(best, int(call.id) + 1)
+            except ValueError:
+                import uuid
+
+                return str(uuid.uuid4())
+    return str(best)
