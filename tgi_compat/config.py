@@ -46,6 +46,9 @@ class Config:
     log_level: str = "info"
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
+    lora_adapters: str | None = None
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, untouched
 
     def tgi_engine_flags(self) -> list[str]:
@@ -121,8 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="Keep serving 503s after the engine dies instead of exiting (STAY_UP_ON_ENGINE_FAILURE).")
     a("--otlp-endpoint", default=_env("OTLP_ENDPOINT"), help="OTLP/gRPC endpoint for request traces, e.g. http://127.0.0.1:4317 (OTLP_ENDPOINT).")
     a("--otlp-service-name", default=_env("OTLP_SERVICE_NAME", "text-generation-inference.router"), help="Service name of the traces (OTLP_SERVICE_NAME).")
+    a("--lora-adapters", default=_env("LORA_ADAPTERS"),
+      help="LoRA adapters to load, `id`, `id=path` or `id@revision`, comma-separated (LORA_ADAPTERS); "
+      "requests pick one with `adapter_id` (OpenAI routes: `model`).")
+    a("--watermark-gamma", type=float, default=_float_env("WATERMARK_GAMMA"),
+      help="Green-list fraction of the vocabulary for `watermark` (WATERMARK_GAMMA). Default 0.5.")
+    a("--watermark-delta", type=float, default=_float_env("WATERMARK_DELTA"),
+      help="Logit bias of green-list tokens for `watermark` (WATERMARK_DELTA). Default 2.0.")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="Log level (LOG_LEVEL). Default info.")
     return p
+
+
+def _float_env(name: str) -> float | None:
+    value = _env(name)
+    return None if value is None else float(value)
 
 
 def _int_env(*names: str) -> int | None:
@@ -154,4 +169,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
         and config.max_input_tokens >= config.max_total_tokens
     ):
         raise ConfigError("`max_input_tokens` must be < `max_total_tokens`")
+    from tgi_compat.adapters import parse_lora_adapters
+
+    try:
+        parse_lora_adapters(config.lora_adapters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return config, help_requested

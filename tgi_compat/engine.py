@@ -28,16 +28,33 @@ def engine_arg_parser():
     return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="tgi-compat", add_help=False))
 
 
-def build_engine_args(model: str, tgi_flags: list[str], passthrough: list[str]):
+# TGI's typical_p and watermark run inside vLLM's sampler (tgi_compat/logits.py).
+LOGITS_PROCESSORS = ["tgi_compat.logits:TypicalPLogitsProcessor", "tgi_compat.logits:WatermarkLogitsProcessor"]
+
+
+def build_engine_args(model: str, tgi_flags: list[str], passthrough: list[str], lora_paths: dict[str, str] | None = None):
     """``AsyncEngineArgs`` from TGI flags mapped to vLLM's names plus untouched vLLM flags.
 
     Pass-through flags come last, so an explicit vLLM flag wins over a mapped TGI one.
+    ``lora_paths`` (adapter id -> local directory) switches vLLM's LoRA support on.
     """
     from vllm import AsyncEngineArgs
 
     ns = engine_arg_parser().parse_args(["--model", model, *tgi_flags, *passthrough])
     args = AsyncEngineArgs.from_cli_args(ns)
     given = " ".join(passthrough)
+    if args.speculative_config is None:  # vLLM refuses custom logits processors with speculation
+        args.logits_processors = [*(args.logits_processors or []), *LOGITS_PROCESSORS]
+    if lora_paths:
+        from tgi_compat.adapters import lora_rank, vllm_max_rank
+
+        args.enable_lora = True
+        if "--max-lora-rank" not in given:
+            args.max_lora_rank = vllm_max_rank([lora_rank(p) for p in lora_paths.values()])
+        if "--max-loras" not in given:
+            # One slot more than adapters: vLLM's CPU LoRA kernels read slot -1 for
+            # "no adapter", i.e. the last slot, which must stay empty (vLLM #48421).
+            args.max_loras = len(lora_paths) + 1
     if "--structured-outputs-config" not in given:
         # JSON grammars are generated compact: TGI's outlines regex allows at most one
         # space between tokens, and a model free to emit unbounded whitespace (vLLM's
@@ -121,7 +138,7 @@ def is_request_error(exc: BaseException) -> bool:
 class Engine:
     """A running vLLM ``AsyncLLM`` and the served model's tokenizer."""
 
-    def __init__(self, engine_args):
+    def __init__(self, engine_args, lora_paths: dict[str, str] | None = None):
         from transformers import AutoTokenizer
         from vllm import AsyncLLMEngine
 
@@ -141,17 +158,24 @@ class Engine:
             )
         )
         self.dtype = str(model_config.dtype)
+        from vllm.lora.request import LoRARequest
+
+        self.adapters = {
+            name: LoRARequest(name, index, path) for index, (name, path) in enumerate((lora_paths or {}).items(), start=1)
+        }
 
     def generate(self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str) -> AsyncIterator:
         """Delta ``RequestOutput``s; closing the iterator aborts the request in the engine."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        adapter = sampling.pop("adapter", None)
         structured = sampling.pop("structured", None)
         if structured is not None:
             sampling["structured_outputs"] = _structured_outputs(*structured)
         params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
-        return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        lora = self.adapters[adapter] if adapter is not None else None
+        return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora)
 
     async def abort(self, request_id: str | list[str]) -> None:
         await self.llm.abort(request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import logging
 import subprocess
 from contextlib import asynccontextmanager
@@ -87,8 +88,18 @@ def create_app(config: Config, engine=None) -> FastAPI:
         if engine is None:
             from tgi_compat.engine import Engine, build_engine_args
 
+            from tgi_compat.adapters import parse_lora_adapters, resolve
+
             model = resolve_model(config)
-            engine = Engine(build_engine_args(model, config.tgi_engine_flags(), config.engine_flags))
+            # The engine's processes read the watermark settings from the environment.
+            if config.watermark_gamma is not None:
+                os.environ["WATERMARK_GAMMA"] = str(config.watermark_gamma)
+            if config.watermark_delta is not None:
+                os.environ["WATERMARK_DELTA"] = str(config.watermark_delta)
+            lora_paths = {a.id: resolve(a) for a in parse_lora_adapters(config.lora_adapters)}
+            engine = Engine(
+                build_engine_args(model, config.tgi_engine_flags(), config.engine_flags, lora_paths), lora_paths
+            )
         max_input, max_total = resolve_limits(config, engine.max_model_len)
         limits = Limits(
             max_best_of=config.max_best_of,
@@ -97,6 +108,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
             max_input_tokens=max_input,
             max_total_tokens=max_total,
             grammar_enabled=not config.disable_grammar_support,
+            adapters=frozenset(getattr(engine, "adapters", {})),
         )
         limiter = ConcurrencyLimiter(config.max_concurrent_requests)
         app.state.engine = engine
@@ -137,6 +149,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
             model_id=model_id,
             version=tgi_compat.__version__,
             max_client_batch_size=config.max_client_batch_size,
+            adapters=limits.adapters,
         )
         # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
         app.state.full_text_default = app.state.info["model_pipeline_tag"] in (None, "text-generation")

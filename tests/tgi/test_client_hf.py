@@ -188,18 +188,3 @@ def test_absent_max_new_tokens_fills_context(http):
         assert used == MAX_TOTAL_TOKENS
     else:
         assert used <= MAX_TOTAL_TOKENS
-
-
-@pytest.mark.parametrize(
-    "params, message",
-    [
-        ({"best_of": 2, "do_sample": True}, "`best_of` is not supported by this server yet"),
-        ({"typical_p": 0.5}, "`typical_p` is not supported by this server yet"),
-        ({"watermark": True}, "`watermark` is not supported by this server yet"),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "`grammar` is not supported by this server yet"),
-        ({"adapter_id": "some-lora"}, "`adapter_id` is not supported by this server yet"),
-    ],
-)
-def test_unimplemented_parameters_are_refused(client, params, message):
-    with pytest.raises(HFValidationError, match=message):
-        client.text_generation(PROMPT, max_new_tokens=2, **params)

@@ -32,6 +32,7 @@ from tgi_compat.tgi.serving import (
     StopStream,
     StreamFormat,
     TGIServing,
+    all_or_nothing,
     until_disconnect,
 )
 
@@ -235,7 +236,7 @@ class OpenAIServing:
             )
         try:
             result = await until_disconnect(
-                request, _all_or_nothing([self.tgi.run(g, c) for g, c in zip(gen_reqs, contexts)])
+                request, all_or_nothing([self.tgi.run(g, c) for g, c in zip(gen_reqs, contexts)])
             )
         except TGIError as e:
             return e.response(headers=r.headers)
@@ -432,22 +433,6 @@ def _dump_calls(calls) -> list[dict] | None:
                                                    "arguments": tooling.compact_json(c.function.arguments)}}
         for c in calls
     ]
-
-
-async def _all_or_nothing(coros: list) -> list:
-    """Results in order; the first failure cancels the rest (TGI's ``try_collect``)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _merged(streams: list[AsyncIterator[bytes]], tail: bytes) -> AsyncIterator[bytes]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -62,7 +64,7 @@ class Generation:
     __slots__ = (
         "valid", "tok", "special", "ids", "texts", "logprobs", "top", "prefill",
         "finish_reason", "_stream", "_stops", "_stop_window", "_tail", "_want_lp",
-        "queue_seconds", "abort_reason",
+        "queue_seconds", "abort_reason", "others",
     )
 
     def __init__(self, valid: ValidRequest, engine: Engine, *, token_text: bool, token_logprobs: bool):
@@ -84,6 +86,11 @@ class Generation:
         self._want_lp = token_logprobs
         self.queue_seconds = 0.0
         self.abort_reason: str | None = None  # set when the server aborts the request
+        self.others: list[Generation] = []  # best_of: the sequences that lost
+
+    @property
+    def want_logprobs(self) -> bool:
+        return self._want_lp
 
     def absorb(self, out: Any) -> None:
         """Take one delta ``RequestOutput``; sets ``finish_reason`` when the request is done."""
@@ -294,8 +301,11 @@ class TGIServing:
         try:
             permit, valid = self._admit(req, r, stream=False, add_special_tokens=add_special_tokens)
             with permit:
-                gen = Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
-                await self._collect(gen, r.engine_id)
+                if valid.best_of > 1:
+                    gen = await self._best_of(valid, r)
+                else:
+                    gen = Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
+                    await self._collect(gen, r.engine_id)
         except TGIError as e:
             self._failed_with(r, e)
             raise
@@ -331,12 +341,31 @@ class TGIServing:
                 "prefill": gen.prefill or [],
                 "tokens": gen.tokens(),
             }
+            if gen.others:
+                prompt = req.inputs if _full_text(req.parameters, full_text_default) else ""
+                details["best_of_sequences"] = [_best_of_sequence(o, prompt) for o in gen.others]
             if valid.top_n_tokens:
                 details["top_tokens"] = gen.top
             body["details"] = details
         headers = {**self.timing_headers([(gen, t, len(req.inputs))]), **r.headers}
         payload = orjson.dumps([body] if as_list else body)
         return Response(payload, media_type="application/json", headers=headers)
+
+    async def _best_of(self, valid: ValidRequest, r: RequestContext) -> Generation:
+        """TGI's best_of: ``n`` sampled generations, each with its own seed, run together
+        (the caller holds ``n`` permits); the one with the highest mean token logprob
+        wins and the others become ``details.best_of_sequences``."""
+        gens = [
+            Generation(replace(valid, seed=random.getrandbits(64)), self.engine,
+                       token_text=valid.details, token_logprobs=True)
+            for _ in range(valid.best_of)
+        ]
+        await all_or_nothing([self._collect(g, f"{r.engine_id}-{i}") for i, g in enumerate(gens)])
+        scores = [sum(lp for lp in g.logprobs if lp is not None) / max(len(g.ids), 1) for g in gens]
+        best = max(range(len(gens)), key=lambda i: (scores[i], -i))  # the first of equals, as TGI
+        winner = gens[best]
+        winner.others = [g for i, g in enumerate(gens) if i != best]
+        return winner
 
     def timing_headers(self, runs: list[tuple[Generation, Timings, int]]) -> dict[str, str]:
         """TGI's §6 headers for finished generations (summed over several, as TGI's
@@ -358,7 +387,7 @@ class TGIServing:
         }
 
     async def _collect(self, gen: Generation, request_id: str) -> None:
-        async with aclosing(self._drive(gen, request_id, token_logprobs=gen.valid.details)) as steps:
+        async with aclosing(self._drive(gen, request_id, token_logprobs=gen.want_logprobs)) as steps:
             async for _ in steps:
                 pass
         if gen.finish_reason is None:
@@ -527,6 +556,37 @@ class TGIStreamFormat(StreamFormat):
             else None
         )
         return data_frame(orjson.dumps(event))
+
+
+def _best_of_sequence(gen: Generation, prompt: str) -> dict[str, Any]:
+    seq: dict[str, Any] = {
+        "generated_text": prompt + gen.generated_text(),
+        "finish_reason": gen.finish_reason,
+        "generated_tokens": len(gen.ids),
+        "seed": gen.reported_seed(),
+        "prefill": gen.prefill or [],
+        "tokens": gen.tokens(),
+    }
+    if gen.valid.top_n_tokens:
+        seq["top_tokens"] = gen.top
+    return seq
+
+
+async def all_or_nothing(coros: list) -> list:
+    """Results in order; the first failure cancels the rest (TGI's ``try_join_all``)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _kv(fields: dict) -> str:

@@ -33,6 +33,7 @@ class Limits:
     max_input_tokens: int
     max_total_tokens: int
     grammar_enabled: bool = True
+    adapters: frozenset[str] = frozenset()  # loaded LoRA adapters (--lora-adapters)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ValidRequest:
     decoder_input_details: bool
     # ("json", schema) | ("json_object", True) | ("regex", pattern): vLLM structured outputs
     grammar: tuple[str, Any] | None = None
+    typical_p: float = 1.0
+    watermark: bool = False
+    adapter_id: str | None = None
+    best_of: int = 1
 
 
 def check_stream(params: GenerateParameters) -> None:
@@ -178,16 +183,11 @@ def validate(
             raise ValidationError("grammar is not supported")
         grammar = check_grammar(p.grammar)
 
-    # Parameters TGI accepts that this server does not implement yet: refuse them
-    # clearly rather than silently ignore them.
-    for name, given in (
-        ("best_of", best_of > 1),
-        ("typical_p", p.typical_p is not None),
-        ("watermark", p.watermark),
-        ("adapter_id", p.adapter_id is not None),
-    ):
-        if given:
-            raise ValidationError(f"`{name}` is not supported by this server yet")
+    if p.adapter_id is not None and p.adapter_id not in limits.adapters:
+        # TGI silently falls back to the base model; an answer from the wrong weights is
+        # worse than a clear refusal.
+        loaded = ", ".join(sorted(limits.adapters)) or "none (start the server with --lora-adapters)"
+        raise ValidationError(f"`adapter_id` {p.adapter_id} is not a loaded adapter; loaded: {loaded}")
 
     # TGI's shard samples when any knob moves away from its neutral value (§2.2).
     sampling = p.do_sample or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
@@ -208,6 +208,10 @@ def validate(
         details=p.details or p.decoder_input_details,
         decoder_input_details=p.decoder_input_details,
         grammar=grammar,
+        typical_p=typical_p,
+        watermark=p.watermark,
+        adapter_id=p.adapter_id,
+        best_of=best_of,
     )
 
 
@@ -253,10 +257,22 @@ def sampling_kwargs(v: ValidRequest, *, token_logprobs: bool) -> dict:
         "detokenize": False,
         "skip_special_tokens": False,
     }
+    extra: dict[str, Any] = {}
     if v.sampling:
         kw.update(temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, seed=v.seed)
+        if v.typical_p < 1.0:
+            # TGI's warper order is temperature -> top_k -> top_p -> typical_p; vLLM would
+            # run its own top-k/top-p after a logits processor, so ours applies them.
+            extra.update(typical_p=v.typical_p, typical_top_k=v.top_k, typical_top_p=v.top_p)
+            kw.update(top_k=0, top_p=1.0)
     else:
         kw["temperature"] = 0.0  # vLLM samples at 1.0 by default; TGI decodes greedily
+    if v.watermark:
+        extra["watermark"] = True
+    if extra:
+        kw["extra_args"] = extra
+    if v.adapter_id is not None:
+        kw["adapter"] = v.adapter_id
     if v.grammar is not None:
         kw["structured"] = v.grammar
     if token_logprobs or v.top_n_tokens:
