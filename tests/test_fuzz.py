@@ -16,7 +16,8 @@ from schemathesis.checks import not_a_server_error
 from tests.conftest import wait_idle
 
 STATS = {"cases": 0, "5xx": 0}
-ERROR_TYPES = {"validation", "overloaded", "generation", "incomplete_generation", "incomplete_generation_stream"}
+ERROR_TYPES = {"validation", "overloaded", "generation", "incomplete_generation", "incomplete_generation_stream",
+               "template_error", "tool_error", "suffix not supported", "batch size exceeded"}
 BODY_ERROR_PREFIXES = (
     "Expected request with `Content-Type: application/json`",
     "Failed to parse the request body as JSON: ",
@@ -67,6 +68,35 @@ plausible = st.fixed_dictionaries(
     optional={"parameters": parameters.map(lambda p: {**p, "max_new_tokens": p.get("max_new_tokens", 8)}), "stream": st.booleans()},
 ).map(lambda d: json.dumps(d).encode())
 
+messages = st.lists(
+    st.fixed_dictionaries({"role": field(st.sampled_from(["user", "assistant", "system", "tool"])),
+                           "content": field(st.text(max_size=30))}),
+    max_size=3,
+)
+openai_fields = {
+    "model": field(st.text(max_size=8)),
+    "max_tokens": field(st.integers(min_value=0, max_value=12)),
+    "temperature": field(st.floats(min_value=-1, max_value=3, allow_nan=False)),
+    "top_p": field(st.floats(min_value=-0.5, max_value=1.5, allow_nan=False)),
+    "seed": field(st.integers(min_value=0, max_value=2**64 - 1)),
+    "stop": field(st.lists(st.text(max_size=5), max_size=6)),
+    "stream": field(st.booleans()),
+    "logprobs": field(st.booleans()),
+    "top_logprobs": field(st.integers(min_value=0, max_value=8)),
+    "presence_penalty": field(st.floats(min_value=-3, max_value=3, allow_nan=False)),
+    "response_format": field(st.fixed_dictionaries({"type": st.sampled_from(["json_object", "regex", "text"]), "value": json_values})),
+    "tools": field(st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.text(max_size=5), "parameters": json_values})}), max_size=2)),
+    "tool_choice": field(st.sampled_from(["auto", "none", "required", "x"])),
+    "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+}
+plausible_chat = st.fixed_dictionaries({"messages": messages}, optional=openai_fields).map(
+    lambda d: json.dumps({**d, "max_tokens": d.get("max_tokens", 8)}).encode())
+plausible_completion = st.fixed_dictionaries(
+    {"prompt": st.one_of(st.text(max_size=30), st.lists(st.text(max_size=10), max_size=6))},
+    optional={**openai_fields, "suffix": field(st.text(max_size=3))},
+).map(lambda d: json.dumps({**d, "max_tokens": d.get("max_tokens", 8)}).encode())
+
 broken = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
@@ -84,6 +114,12 @@ def check_response(r: httpx.Response, stream_like: bool) -> None:
     if r.status_code == 200:
         if ctype == "text/event-stream":
             events = r.content.rstrip(b"\n").split(b"\n\n")
+            if events[-1] == b"data: [DONE]":  # an OpenAI stream
+                for e in events[:-1]:
+                    assert e.startswith(b"data:{"), e[:100]
+                    event = json.loads(e[5:])
+                    assert "choices" in event or set(event) == {"error"}, event
+                return
             for e in events:
                 assert e.startswith(b"data:{"), e[:100]
             last = json.loads(events[-1][5:])
@@ -98,8 +134,10 @@ def check_response(r: httpx.Response, stream_like: bool) -> None:
         assert r.text.startswith(BODY_ERROR_PREFIXES), r.text[:200]
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(body=st.one_of(plausible, plausible, broken), path=st.sampled_from(["/generate", "/generate_stream", "/", "/tokenize"]),
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(body=st.one_of(plausible, plausible, broken, plausible_chat, plausible_completion),
+       path=st.sampled_from(["/generate", "/generate_stream", "/", "/tokenize", "/v1/chat/completions",
+                             "/v1/completions", "/invocations", "/chat_tokenize"]),
        ctype=st.sampled_from(["application/json", "application/json", "application/json; charset=utf-8", "text/plain", None]))
 def test_fuzzed_bodies(http, body, path, ctype):
     headers = {"content-type": ctype} if ctype else {}
@@ -109,7 +147,7 @@ def test_fuzzed_bodies(http, body, path, ctype):
 
 def test_fuzz_summary_and_server_still_serves(http):
     print(f"\nfuzz: {STATS['cases']} bodies, {STATS['5xx']} answered 5xx")
-    assert STATS["cases"] >= 250 and STATS["5xx"] == 0
+    assert STATS["cases"] >= 400 and STATS["5xx"] == 0
     assert wait_idle(http, timeout=30) == (0, 0)
     r = http.post("/generate", json={"inputs": "still fine?", "parameters": {"max_new_tokens": 4, "details": True}})
     assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 4
@@ -118,6 +156,8 @@ def test_fuzz_summary_and_server_still_serves(http):
 def _shorten(case) -> None:
     """Keep generated generations short: the point is the input space, not long outputs."""
     if isinstance(case.body, dict):
+        value = case.body.get("max_tokens")
+        case.body["max_tokens"] = min(value, 16) if isinstance(value, int) and not isinstance(value, bool) else 8
         params = case.body.get("parameters")
         if isinstance(params, dict):
             value = params.get("max_new_tokens")

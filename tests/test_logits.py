@@ -154,9 +154,23 @@ def test_typical_with_top_k_top_p_runs_tgi_order():
     assert torch.equal(proc.apply(logits.clone()), expected)
 
 
+def test_temperature_scale_divides_only_its_rows_and_mixes_with_typical():
+    proc = TypicalPLogitsProcessor(_config(), CPU, False)
+    proc.update_state(_update(3, added=[(0, _params(temperature_scale=2.5), [1], []), (1, _params(), [1], []),
+                                        (2, _params(typical_p=0.5, temperature_scale=2.0), [1], [])]))
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5)) * 3
+    out = proc.apply(logits.clone())
+    assert torch.allclose(out[0], logits[0] / 2.5)  # scaled, nothing masked
+    assert torch.equal(out[1], logits[1])  # not requesting
+    scaled = logits[2:3] / 2.0
+    expected = scaled.masked_fill(typical_p_mask(scaled.clone(), torch.tensor([[0.5]])), -math.inf)
+    assert torch.equal(out[2:3], expected)  # typical set of the scaled distribution
+
+
 @pytest.mark.parametrize(
     "extra",
-    [{"typical_p": 0.0}, {"typical_p": 1.0}, {"typical_p": "0.5"}, {"typical_top_k": -1}, {"typical_top_p": 0.0}],
+    [{"typical_p": 0.0}, {"typical_p": 1.0}, {"typical_p": "0.5"}, {"typical_top_k": -1}, {"typical_top_p": 0.0},
+     {"temperature_scale": 0.0}, {"temperature_scale": float("inf")}],
 )
 def test_typical_validate_params_rejects(extra):
     with pytest.raises(ValueError):

@@ -105,6 +105,9 @@ __all__ = [
 TYPICAL_P_KEY = "typical_p"
 TYPICAL_TOP_K_KEY = "typical_top_k"
 TYPICAL_TOP_P_KEY = "typical_top_p"
+# Divides the logits after vLLM's temperature: how temperatures above vLLM's limit of 2
+# (TGI has none) are applied, still before top-k/top-p.
+TEMPERATURE_SCALE_KEY = "temperature_scale"
 WATERMARK_KEY = "watermark"
 
 
@@ -163,9 +166,10 @@ def typical_p_mask(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _TypicalParams:
-    mass: float
+    mass: float  # 1.0: off
     top_k: int  # 0: off
     top_p: float  # 1.0: off
+    scale: float = 1.0  # extra temperature divisor (TGI allows temperatures vLLM refuses)
 
 
 class TypicalPLogitsProcessor(LogitsProcessor):
@@ -180,6 +184,9 @@ class TypicalPLogitsProcessor(LogitsProcessor):
         self._mass = torch.empty(0, 1)
         self._top_k: torch.Tensor | None = None
         self._top_p: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
+        self._typical_rows: torch.Tensor | None = None
+        self._any_typical = False
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -197,6 +204,11 @@ class TypicalPLogitsProcessor(LogitsProcessor):
             isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
         ):
             raise ValueError("`typical_top_p` must be > 0.0 and <= 1.0")
+        scale = extra.get(TEMPERATURE_SCALE_KEY)
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < math.inf
+        ):
+            raise ValueError("`temperature_scale` must be a finite number > 0")
 
     def is_argmax_invariant(self) -> bool:
         # Not strictly true (the typical set can exclude the argmax); declared so that
@@ -207,12 +219,15 @@ class TypicalPLogitsProcessor(LogitsProcessor):
     def _new_state(params: SamplingParams, _prompt, _output) -> _TypicalParams | None:
         extra = _extra(params)
         mass = extra.get(TYPICAL_P_KEY)
-        if mass is None or not 0.0 < float(mass) < 1.0:
+        scale = float(extra.get(TEMPERATURE_SCALE_KEY) or 1.0)
+        typical = mass is not None and 0.0 < float(mass) < 1.0
+        if not typical and scale == 1.0:
             return None
         return _TypicalParams(
-            float(mass),
+            float(mass) if typical else 1.0,
             int(extra.get(TYPICAL_TOP_K_KEY) or 0),
             float(extra.get(TYPICAL_TOP_P_KEY) or 1.0),
+            scale,
         )
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -233,15 +248,31 @@ class TypicalPLogitsProcessor(LogitsProcessor):
             if any(v.top_p < 1.0 for v in values)
             else None
         )
+        self._scale = (
+            torch.tensor([v.scale for v in values], dtype=torch.float32, device=self.device).view(-1, 1)
+            if any(v.scale != 1.0 for v in values)
+            else None
+        )
+        self._typical_rows = (
+            None if all(v.mass < 1.0 for v in values)
+            else torch.tensor([v.mass < 1.0 for v in values], device=self.device).view(-1, 1)
+        )
+        self._any_typical = any(v.mass < 1.0 for v in values)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.params:
             return logits
         full = self._all_rows and logits.shape[0] == self._rows.numel()
         rows = logits if full else logits[self._rows]
-        if self._top_k is not None or self._top_p is not None:
-            tgi_top_k_top_p_(rows, self._top_k, self._top_p)
-        rows.masked_fill_(typical_p_mask(rows, self._mass), -math.inf)
+        if self._scale is not None:
+            rows.div_(self._scale)
+        if self._any_typical:
+            if self._top_k is not None or self._top_p is not None:
+                tgi_top_k_top_p_(rows, self._top_k, self._top_p)
+            mask = typical_p_mask(rows, self._mass)
+            if self._typical_rows is not None:
+                mask &= self._typical_rows
+            rows.masked_fill_(mask, -math.inf)
         if not full:
             logits[self._rows] = rows
         return logits

@@ -156,6 +156,14 @@ def test_typical_p_changes_outputs_and_is_reproducible(client):
     assert changed >= 2
 
 
+def test_temperatures_above_vllms_limit(client):
+    # TGI takes any positive temperature; vLLM stops at 2 (the rest is applied by our processor).
+    hot = [generate(client, "The weather today", max_new_tokens=16, temperature=8.0, seed=s) for s in range(3)]
+    assert hot == [generate(client, "The weather today", max_new_tokens=16, temperature=8.0, seed=s) for s in range(3)]
+    warm = [generate(client, "The weather today", max_new_tokens=16, temperature=2.0, seed=s) for s in range(3)]
+    assert hot != warm
+
+
 # --- watermark ---
 
 

@@ -400,8 +400,13 @@ class TGIServing:
         engine request is aborted on every exit but a natural finish.
         """
         life = self.lifecycle
+        try:
+            outputs = self.engine.generate(
+                gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=token_logprobs), request_id
+            )
+        except Exception as e:  # vLLM refused the sampling parameters outright
+            raise ValidationError(str(e) or type(e).__name__) from e
         life.register(request_id, gen)
-        outputs = self.engine.generate(gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=token_logprobs), request_id)
         try:
             async for out in outputs:
                 life.last_progress = time.monotonic()

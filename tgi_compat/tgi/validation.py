@@ -23,6 +23,8 @@ from tgi_compat.tgi.protocol import GenerateParameters, Grammar
 # TGI checks the total length against at most this many new tokens when
 # `max_new_tokens` is absent (it re-queues long generations in chunks of it).
 DEFAULT_GENERATION_CHUNK = 1024
+# vLLM's SamplingParams refuses higher temperatures.
+VLLM_MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,11 @@ def sampling_kwargs(v: ValidRequest, *, token_logprobs: bool) -> dict:
     extra: dict[str, Any] = {}
     if v.sampling:
         kw.update(temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, seed=v.seed)
+        if v.temperature > VLLM_MAX_TEMPERATURE:
+            # vLLM refuses temperatures above 2; TGI takes any positive one. The rest of
+            # the division happens in our logits processor, right after vLLM's.
+            kw["temperature"] = VLLM_MAX_TEMPERATURE
+            extra["temperature_scale"] = v.temperature / VLLM_MAX_TEMPERATURE
         if v.typical_p < 1.0:
             # TGI's warper order is temperature -> top_k -> top_p -> typical_p; vLLM would
             # run its own top-k/top-p after a logits processor, so ours applies them.
