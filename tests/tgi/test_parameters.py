@@ -7,11 +7,13 @@ import asyncio
 import json
 import math
 import re
+import subprocess
+import sys
 
 import httpx
 import jsonschema
 import pytest
-from huggingface_hub import InferenceClient
+from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import ValidationError as HFValidationError
 
 from tests.conftest import ServerProcess, wait_idle
@@ -118,7 +120,7 @@ def test_best_of_validation(client, params, message):
         list(client.text_generation("Hi", max_new_tokens=2, stream=True, best_of=2, do_sample=True))
 
 
-def test_best_of_takes_a_permit_per_sequence(http):
+def test_best_of_takes_a_permit_per_sequence_and_openai_routes_share_the_cap(http):
     # 31 long streams hold 31 of the 32 permits; best_of=2 needs two and is refused.
     async def main():
         async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as c:
@@ -132,12 +134,27 @@ def test_best_of_takes_a_permit_per_sequence(http):
                     break
                 await asyncio.sleep(0.05)
             two = await c.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2, "best_of": 2, "do_sample": True}})
-            one = await c.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}})
+            # A 32nd holder takes the last permit: the OpenAI routes are refused too.
+            holders.append(asyncio.ensure_future(hold()))
+            for _ in range(200):
+                if (await c.get("/metrics")).text.count("tgi_compat_permits_in_use 32"):
+                    break
+                await asyncio.sleep(0.05)
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            full = [await c.post("/v1/chat/completions", json=chat),
+                    await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})]
+            stream = await c.post("/v1/chat/completions", json={**chat, "stream": True})
             await asyncio.gather(*holders)
-            return two, one
+            one = await c.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}})
+            return two, full, stream, one
 
-    two, one = asyncio.run(main())
+    two, full, stream, one = asyncio.run(main())
     assert two.status_code == 429 and two.json()["error_type"] == "overloaded"
+    for r in full:
+        assert r.status_code == 429 and r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+    assert stream.status_code == 200
+    assert stream.content == (b'data:{"error":{"message":"Model is overloaded","http_status_code":422}}\n\n'
+                              b"data: [DONE]\n\n")
     assert one.status_code == 200
     assert wait_idle(http) == (0, 0)
 
@@ -167,30 +184,40 @@ def test_temperatures_above_vllms_limit(client):
 # --- watermark ---
 
 
-def test_watermarked_generations_score_far_above_plain_ones(http):
+def test_watermarked_generations_score_far_above_plain_ones(server_url, http):
     prompts = [f"Story number {i}: once upon a time" for i in range(16)]
-    tokenize = [http.post("/tokenize", json={"inputs": p}).json()[-1]["id"] for p in prompts]
+    last_prompt_token = [http.post("/tokenize", json={"inputs": p}).json()[-1]["id"] for p in prompts]
     vocab = 1024  # the tiny model's
 
-    async def generate(watermark: bool) -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as c:
-            rs = await asyncio.gather(*(
-                c.post("/generate", json={"inputs": p, "parameters": {"max_new_tokens": 200, "do_sample": True, "seed": i,
-                                                                      "watermark": watermark, "details": True}})
-                for i, p in enumerate(prompts)))
-        return [[t["id"] for t in r.json()["details"]["tokens"]] for r in rs]
+    async def generate_all(watermark: bool):
+        client = AsyncInferenceClient(base_url=server_url)
+        return await asyncio.gather(*(
+            client.text_generation(p, max_new_tokens=200, do_sample=True, seed=i, watermark=watermark,
+                                   details=True, return_full_text=False)
+            for i, p in enumerate(prompts)))
 
-    def pooled_z(sequences):
+    def pooled_z(outputs):
         # Each distinct (previous, token) pair once: the tiny model loops, and repeats
         # of one pair would count as independent evidence otherwise.
-        scores = [watermark_score(s, vocab, prefix_token=last, ignore_repeated_bigrams=True)
-                  for s, last in zip(sequences, tokenize)]
+        scores = [watermark_score([t.id for t in o.details.tokens], vocab, prefix_token=last, ignore_repeated_bigrams=True)
+                  for o, last in zip(outputs, last_prompt_token)]
         green, total = sum(s.green for s in scores), sum(s.tokens for s in scores)
         return (green - 0.5 * total) / math.sqrt(total * 0.25)
 
-    marked, plain = pooled_z(asyncio.run(generate(True))), pooled_z(asyncio.run(generate(False)))
-    assert marked > 6, marked
-    assert abs(plain) < 3, plain
+    marked, plain = asyncio.run(generate_all(True)), asyncio.run(generate_all(False))
+    assert pooled_z(marked) > 6, pooled_z(marked)
+    assert abs(pooled_z(plain)) < 3, pooled_z(plain)
+
+    # The detector CLI on text: it re-tokenizes, so it scores close to (not exactly) the ids.
+    model_dir = http.get("/info").json()["model_id"]
+
+    def cli(text: str, prompt: str) -> float:
+        out = subprocess.run([sys.executable, "-m", "tgi_compat.watermark_detect", "--model-id", model_dir,
+                              "--prompt", prompt, text], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(out.stdout)["z_score"]
+
+    best = max(range(len(prompts)), key=lambda i: len(marked[i].details.tokens))
+    assert cli(marked[best].generated_text, prompts[best]) > cli(plain[best].generated_text, prompts[best])
 
 
 # --- adapter_id (LoRA) ---
