@@ -203,12 +203,27 @@ class Server:
         t = psutil.Process(self.proc.pid).cpu_times()  # the API process only, not its engine
         return t.user + t.system
 
+    def engine_cpu_seconds(self) -> float:
+        return _children_cpu(psutil.Process(self.proc.pid))
+
     def stop(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(60)
         except Exception:
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _children_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process's descendants (vLLM's engine core and workers)."""
+    total = 0.0
+    for child in proc.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def _client_cpu() -> float:
@@ -220,7 +235,7 @@ def bench_http(kind: str, server: Server, levels: list[int], per_level, tokens: 
     out = {}
     asyncio.run(_run_http(kind, server.url, 2, 4, tokens))  # warm-up
     for c in levels:
-        cpu0, client0 = server.cpu_seconds(), _client_cpu()
+        cpu0, client0, engine0 = server.cpu_seconds(), _client_cpu(), server.engine_cpu_seconds()
         t0 = time.perf_counter()
         stats = asyncio.run(_run_http(kind, server.url, c, per_level(c), tokens))
         wall = time.perf_counter() - t0
@@ -228,6 +243,7 @@ def bench_http(kind: str, server: Server, levels: list[int], per_level, tokens: 
         k = max(stats.tokens, 1) / 1000
         s["api_cpu_s_per_1k_tokens"] = round((server.cpu_seconds() - cpu0) / k, 4)
         s["client_cpu_s_per_1k_tokens"] = round((_client_cpu() - client0) / k, 4)
+        s["engine_cpu_s_per_1k_tokens"] = round((server.engine_cpu_seconds() - engine0) / k, 4)
         out[str(c)] = s
         print(f"{kind:14} c={c:<4} {s['output_tok_s']:>9} tok/s  ttft p50 {s['ttft_ms_p50']:>8} ms  "
               f"api cpu/1k {s['api_cpu_s_per_1k_tokens']}  errors {s['errors']} {s['error_kinds'] or ''}", flush=True)
@@ -272,10 +288,16 @@ def bench_in_process(model: str, levels: list[int], per_level, tokens: int) -> d
 
     async def main():
         await run(2, 4)
+        me = psutil.Process()
         for c in levels:
+            cpu0, engine0 = _client_cpu(), _children_cpu(me)
             t0 = time.perf_counter()
             stats = await run(c, per_level(c))
             s = stats.summary(time.perf_counter() - t0)
+            k = max(stats.tokens, 1) / 1000
+            # This process is the engine's client here (what the API process is for a server).
+            s["api_cpu_s_per_1k_tokens"] = round((_client_cpu() - cpu0) / k, 4)
+            s["engine_cpu_s_per_1k_tokens"] = round((_children_cpu(me) - engine0) / k, 4)
             out[str(c)] = s
             print(f"{'in_process':14} c={c:<4} {s['output_tok_s']:>9} tok/s  ttft p50 {s['ttft_ms_p50']:>8} ms", flush=True)
 
@@ -289,8 +311,8 @@ def report(results: dict, levels: list[int], chart: bool) -> str:
              ("vllm_stream", "vLLM server /v1/completions stream"), ("in_process", "engine in-process (ceiling)")]
     lines = [f"Machine: {results['machine']}; model: tiny embedded ({results['tokens']} output tokens, greedy, no EOS); "
              f"vLLM {results['vllm']}.", "",
-             "| cell | c | tok/s | × vLLM server | × ceiling | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | e2e p50 ms | e2e p99 ms | API CPU s/1k tok | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cell | c | tok/s | × vLLM server | × ceiling | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | e2e p50 ms | e2e p99 ms | API CPU s/1k tok | engine CPU s/1k tok | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, label in cells:
         for c in levels:
             s = results["cells"].get(key, {}).get(str(c))
@@ -303,7 +325,7 @@ def report(results: dict, levels: list[int], chart: bool) -> str:
             lines.append(
                 f"| {label} | {c} | {s['output_tok_s']} | {ratio_v} | {ratio_d} | {s['ttft_ms_p50']} | {s['ttft_ms_p99']} | "
                 f"{s['tpot_ms_p50']} | {s['itl_ms_p99']} | {s['e2e_ms_p50']} | {s['e2e_ms_p99']} | "
-                f"{s.get('api_cpu_s_per_1k_tokens', '–')} | {s['errors']} |"
+                f"{s.get('api_cpu_s_per_1k_tokens', '–')} | {s.get('engine_cpu_s_per_1k_tokens', '–')} | {s['errors']} |"
             )
     table = "\n".join(lines)
     (RESULTS / "latest.md").write_text(table + "\n")

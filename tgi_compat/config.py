@@ -38,6 +38,7 @@ class Config:
     json_output: bool = False
     disable_grammar_support: bool = False
     keep_alive_seconds: float = 15.0
+    http_keep_alive_timeout: float = 75.0
     shutdown_timeout: float = 30.0
     health_stall_timeout: float = 60.0
     health_probe_timeout: float = 10.0
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--json-output", action="store_true", default=_env_bool("JSON_OUTPUT"), help="Log JSON lines (JSON_OUTPUT).")
     a("--disable-grammar-support", action="store_true", default=_env_bool("DISABLE_GRAMMAR_SUPPORT"), help="Refuse `grammar` (DISABLE_GRAMMAR_SUPPORT).")
     a("--keep-alive-seconds", type=float, default=float(_env("KEEP_ALIVE_SECONDS", 15.0)), help="SSE keep-alive comment after this much silence (KEEP_ALIVE_SECONDS). Default 15.")
+    a("--http-keep-alive-timeout", type=float, default=float(_env("HTTP_KEEP_ALIVE_TIMEOUT", 75.0)),
+      help="Seconds an idle keep-alive connection stays open (HTTP_KEEP_ALIVE_TIMEOUT). Default 75: longer than "
+      "clients' own pool timeouts, so a client never reuses a connection the server is closing.")
     a("--shutdown-timeout", type=float, default=float(_env("SHUTDOWN_TIMEOUT", 30.0)), help="Seconds in-flight requests may run after SIGTERM (SHUTDOWN_TIMEOUT). Default 30.")
     a("--health-stall-timeout", type=float, default=float(_env("HEALTH_STALL_TIMEOUT", 60.0)),
       help="/health answers 503 when requests wait and the engine has produced nothing for this long (HEALTH_STALL_TIMEOUT). Default 60.")

@@ -314,6 +314,9 @@ def run(config: Config, log_config: dict | None = None) -> int:
             log_level=config.log_level,
             log_config=log_config,
             access_log=False,
+            # uvicorn's default (5 s) is shorter than clients' pool timeouts (aiohttp 15 s):
+            # under load a client then sends on a connection the server just closed.
+            timeout_keep_alive=int(config.http_keep_alive_timeout),
             # Our drain ends streams after shutdown_timeout; uvicorn's limit is a backstop.
             timeout_graceful_shutdown=int(config.shutdown_timeout) + 10,
         ),

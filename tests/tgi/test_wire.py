@@ -291,3 +291,16 @@ def test_v1_models(http):
     body = http.get("/v1/models").json()
     model_id = http.get("/info").json()["model_id"]
     assert body == {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
+
+
+def test_idle_keep_alive_connection_outlives_uvicorns_default(server_url):
+    # Clients pool connections for longer than uvicorn's default 5 s idle timeout
+    # (aiohttp: 15 s); a connection idle for 6 s must still serve the next request.
+    port = int(server_url.rsplit(":", 1)[1])
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(request)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        s.sendall(request)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
