@@ -238,7 +238,7 @@ class TGIServing:
         params = req.parameters
         if self.lifecycle.draining:
             raise ShuttingDownError()
-        if self.lifecycle.engine_dead:
+        if self.lifecycle.engine_dead or self.engine.errored:  # the watchdog polls; vLLM knows first
             raise GenerationError("the engine is not running")
         if stream:
             check_stream(params)
