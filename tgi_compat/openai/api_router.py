@@ -21,12 +21,9 @@ from tgi_compat.openai.protocol import (
 )
 from tgi_compat.openai.serving import OpenAIServing
 from tgi_compat.openapi import json_body, responses
+from tgi_compat.tgi.api_router import _GENERATION, _INCOMPLETE, _OVERLOADED, _VALIDATION
 from tgi_compat.tgi.protocol import CompatGenerateRequest
 
-_VALIDATION = {"error": "Input validation error: `temperature` must be strictly positive", "error_type": "validation"}
-_OVERLOADED = {"error": "Model is overloaded", "error_type": "overloaded"}
-_GENERATION = {"error": "Request failed during generation: the engine died", "error_type": "generation"}
-_INCOMPLETE = {"error": "Incomplete generation", "error_type": "incomplete_generation"}
 _TEMPLATE = {"error": "Template error: template not found", "error_type": "template_error"}
 _STREAM_NOTE = ("With `stream: true`: server-sent events `data:<chunk>`, ending with `data: [DONE]`; errors after "
                 "the stream started arrive in-band as `data:{\"error\":{\"message\",\"http_status_code\":422}}`.")

@@ -90,13 +90,11 @@ class OpenAIServing:
 
     def chat_request(self, chat: ChatRequest, *, with_tools: bool = True) -> tuple[GenerateRequest, bool]:
         prompt, grammar, using_tools = self.render(chat, with_tools=with_tools)
-        do_sample, temperature = (False, None) if chat.temperature == 0.0 else (True, chat.temperature)
         params = GenerateParameters(
-            temperature=temperature,
+            **_sampling(chat.temperature),
             repetition_penalty=None if chat.presence_penalty is None else chat.presence_penalty + 2.0,
             frequency_penalty=chat.frequency_penalty,
             top_p=chat.top_p,
-            do_sample=do_sample,
             max_new_tokens=chat.max_tokens,
             stop=chat.stop or [],
             details=True,
@@ -117,13 +115,11 @@ class OpenAIServing:
                 f"Number of prompts exceeds the maximum allowed batch size of {self.max_client_batch_size}",
                 "batch size exceeded",
             )
-        do_sample, temperature = (False, None) if req.temperature == 0.0 else (True, req.temperature)
         params = GenerateParameters(
-            temperature=temperature,
+            **_sampling(req.temperature),
             repetition_penalty=req.repetition_penalty,
             frequency_penalty=req.frequency_penalty,
             top_p=req.top_p,
-            do_sample=do_sample,
             max_new_tokens=req.max_tokens,
             stop=req.stop or [],
             details=True,
@@ -404,6 +400,13 @@ class CompletionStreamFormat(StreamFormat):
 
 
 # --- helpers ---
+
+
+def _sampling(temperature: float | None) -> dict[str, Any]:
+    """TGI's OpenAI routes: temperature 0 means greedy, anything else samples."""
+    if temperature == 0.0:
+        return {"do_sample": False, "temperature": None}
+    return {"do_sample": True, "temperature": temperature}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
