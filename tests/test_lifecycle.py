@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -125,6 +126,11 @@ def test_killed_engine_fails_requests_and_exits_nonzero(fault_server):
     assert fault_server.proc.wait(30) == 1
 
 
+def _metric(url: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    return float(m.group(1)) if m else -1
+
+
 def test_sigterm_drains_then_exits_zero():
     server = ServerProcess(["--shutdown-timeout", "3"], log_name="drain")
     try:
@@ -135,6 +141,9 @@ def test_sigterm_drains_then_exits_zero():
         non_stream = StreamReader(url, {"inputs": "hello", "parameters": {"max_new_tokens": 60}}, path="/generate")
         for s in long_streams + short_streams:
             assert s.started.wait(30)
+        # The non-stream request must have reached the server before the drain starts
+        # (a connection whose request was not read yet is closed by the shutdown).
+        assert wait_for(lambda: _metric(url, "tgi_request_count") >= 5, timeout=30)
         os.kill(server.proc.pid, signal.SIGTERM)
         sent = time.monotonic()
         # No new requests are admitted once draining.
