@@ -257,7 +257,7 @@ def bench_in_process(model: str, levels: list[int], per_level, tokens: int) -> d
 
     from tgi_compat.engine import build_engine_args
 
-    args: AsyncEngineArgs = build_engine_args(model, [], ENGINE_FLAGS)
+    args: AsyncEngineArgs = build_engine_args(model, ENGINE_FLAGS)
     engine = AsyncLLMEngine.from_engine_args(args)
     from transformers import AutoTokenizer
 
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"tgi_stream", "tgi_generate"} & set(cells):
         port = _free_port()
         srv = Server([sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
-                      "--max-concurrent-requests", "1024", "--log-level", "warning", *ENGINE_FLAGS],
+                      "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024", "--log-level", "warning", *ENGINE_FLAGS],
                      port, "/health", "tgi-compat")
         try:
             for kind in ("tgi_stream", "tgi_generate"):
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         from tgi_compat.engine import build_engine_args
 
-        kv = ["--kv-cache-memory-bytes", str(1 << 30)] if build_engine_args(model, [], ENGINE_FLAGS).kv_cache_memory_bytes else []
+        kv = ["--kv-cache-memory-bytes", str(1 << 30)] if build_engine_args(model, ENGINE_FLAGS).kv_cache_memory_bytes else []
         srv = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                       "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *kv, *ENGINE_FLAGS],
                      port, "/health", "vllm-server")

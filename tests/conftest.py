@@ -56,6 +56,12 @@ class ServerProcess:
         self.log_path = log_dir / f"{log_name}-{self.port}.log"
         self._log = open(self.log_path, "wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each server gets its own metrics port (TGI's default 9000 would collide).
+        self.prometheus_port = free_port()
+        if "--prometheus-port" in args:
+            self.prometheus_port = int(args[args.index("--prometheus-port") + 1])
+        else:
+            args = ["--prometheus-port", str(self.prometheus_port), *args]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self._log,

@@ -42,14 +42,15 @@ def parse_lora_adapters(spec: str | None) -> list[Adapter]:
     return out
 
 
-def resolve(adapter: Adapter) -> str:
-    """A local directory holding the adapter (downloaded from the Hub when needed)."""
+def resolve(adapter: Adapter, cache_dir: str | None = None) -> str:
+    """A local directory holding the adapter (downloaded from the Hub when needed, into
+    ``cache_dir`` when given: TGI's --huggingface-hub-cache)."""
     source = adapter.path or adapter.id
     if Path(source).is_dir():
         return str(Path(source).resolve())
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(source, revision=adapter.revision)
+    return snapshot_download(source, revision=adapter.revision, cache_dir=cache_dir)
 
 
 def lora_rank(path: str) -> int:

@@ -73,6 +73,21 @@ class ChatTemplate:
             return None
         return cls(source, _token_str(hf_tokenizer.bos_token), _token_str(hf_tokenizer.eos_token))
 
+    @classmethod
+    def from_tokenizer_config(cls, path: str) -> ChatTemplate | None:
+        """TGI's --tokenizer-config-path: a tokenizer_config.json's template and special tokens."""
+        import json
+
+        with open(path) as f:
+            data = json.load(f)
+
+        class _Config:  # the attributes from_tokenizer reads, from the JSON
+            chat_template = data.get("chat_template")
+            bos_token = _json_token(data.get("bos_token"))
+            eos_token = _json_token(data.get("eos_token"))
+
+        return cls.from_tokenizer(_Config)
+
     def render(self, messages: list[dict[str, str]], tools: list[dict] | None = None, tool_prompt: str = "") -> str:
         """``messages`` already flattened (``flatten_message``); ``tools`` as TGI
         serializes them (``Tool`` with ``arguments`` as a JSON string)."""
@@ -109,6 +124,11 @@ class ChatTemplate:
             if cut >= 0:
                 rendered = rendered[: cut + len(final["content"])].rstrip()
         return rendered
+
+
+def _json_token(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _token_str(token) -> str | None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from tgi_compat.config import ConfigError, build_parser, parse_config
+from tgi_compat.config import ConfigError, parse_config
 
 
 def _print_help() -> None:
-    build_parser().print_help()
-    print("\nvLLM engine flags (passed through untouched; TGI flags above map onto some of them):\n")
+    from tgi_compat.launcher import help_text
+
+    print(help_text())
+    print("\nvLLM engine flags (passed to vLLM; where they set what a TGI flag set, they win):\n", flush=True)
     from tgi_compat.engine import engine_arg_parser
 
     engine_arg_parser().print_help()
@@ -63,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         _print_help()
         return 0
     log_config = setup_logging(config.log_level, config.json_output)
+    import logging
+
+    from tgi_compat.launcher import apply_process_env, environment_report
+
+    logger = logging.getLogger("tgi_compat")
+    if config.print_env:
+        logger.info("%s", environment_report())
+    for notice in config.notices:
+        logger.info("%s", notice)
+    apply_process_env(config)
     from tgi_compat.server import run
 
     try:

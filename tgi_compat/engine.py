@@ -8,6 +8,7 @@ between releases.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -25,37 +26,51 @@ def engine_arg_parser():
     from vllm import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="tgi-compat", add_help=False))
+    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="tgi-compat", add_help=False, allow_abbrev=False))
 
 
 # TGI's typical_p and watermark run inside vLLM's sampler (tgi_compat/logits.py).
 LOGITS_PROCESSORS = ["tgi_compat.logits:TypicalPLogitsProcessor", "tgi_compat.logits:WatermarkLogitsProcessor"]
 
 
-def build_engine_args(model: str, tgi_flags: list[str], passthrough: list[str], lora_paths: dict[str, str] | None = None):
-    """``AsyncEngineArgs`` from TGI flags mapped to vLLM's names plus untouched vLLM flags.
+def build_engine_args(
+    model: str,
+    passthrough: list[str],
+    overrides: dict[str, Any] | None = None,
+    lora_paths: dict[str, str] | None = None,
+    kv_token_budget: int | None = None,
+):
+    """``AsyncEngineArgs`` from untouched vLLM flags plus the fields TGI flags map onto.
 
-    Pass-through flags come last, so an explicit vLLM flag wins over a mapped TGI one.
-    ``lora_paths`` (adapter id -> local directory) switches vLLM's LoRA support on.
+    ``overrides`` (``Config.engine_overrides``) holds only fields no explicit vLLM flag set,
+    so an explicit vLLM flag wins. ``lora_paths`` (adapter id -> local directory) switches
+    vLLM's LoRA support on. ``kv_token_budget`` (TGI's --max-batch-total-tokens) sizes the
+    KV cache in tokens.
     """
     from vllm import AsyncEngineArgs
 
-    ns = engine_arg_parser().parse_args(["--model", model, *tgi_flags, *passthrough])
+    parser = engine_arg_parser()
+    ns = parser.parse_args(["--model", model, *passthrough])
     args = AsyncEngineArgs.from_cli_args(ns)
-    given = " ".join(passthrough)
+    for action in parser._actions:  # what the vLLM flags set explicitly
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(passthrough)))
+    for name, value in (overrides or {}).items():
+        setattr(args, name, value)
+    given |= set(overrides or {})
     if args.speculative_config is None:  # vLLM refuses custom logits processors with speculation
         args.logits_processors = [*(args.logits_processors or []), *LOGITS_PROCESSORS]
     if lora_paths:
         from tgi_compat.adapters import lora_rank, vllm_max_rank
 
         args.enable_lora = True
-        if "--max-lora-rank" not in given:
+        if "max_lora_rank" not in given:
             args.max_lora_rank = vllm_max_rank([lora_rank(p) for p in lora_paths.values()])
-        if "--max-loras" not in given:
+        if "max_loras" not in given:
             # One slot more than adapters: vLLM's CPU LoRA kernels read slot -1 for
             # "no adapter", i.e. the last slot, which must stay empty (vLLM #48421).
             args.max_loras = len(lora_paths) + 1
-    if "--structured-outputs-config" not in given:
+    if "structured_outputs_config" not in given:
         # JSON grammars are generated compact: TGI's outlines regex allows at most one
         # space between tokens, and a model free to emit unbounded whitespace (vLLM's
         # default) may never close the object.
@@ -67,12 +82,24 @@ def build_engine_args(model: str, tgi_flags: list[str], passthrough: list[str], 
         so.disable_any_whitespace = True
         # outlines (TGI) allows only the listed properties unless told otherwise.
         so.disable_additional_properties = True
-    if _on_cpu() and "--gpu-memory-utilization" not in given and "--kv-cache-memory" not in given:
+    if _on_cpu() and not given & {"gpu_memory_utilization", "kv_cache_memory_bytes", "num_gpu_blocks_override"}:
         # On CPU, gpu_memory_utilization is a share of NUMA node 0's RAM and vLLM's
         # default (0.92) fails on small hosts; a fixed KV cache is the portable default.
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and kv_token_budget is None:
             args.kv_cache_memory_bytes = GiB
+    if kv_token_budget is not None and "num_gpu_blocks_override" not in given:
+        args.num_gpu_blocks_override = kv_blocks_for(args, kv_token_budget)
     return args
+
+
+def kv_blocks_for(args, tokens: int) -> int:
+    """KV-cache blocks holding ``tokens`` tokens, with the block size vLLM resolves for this
+    model and platform (it depends on both)."""
+    import copy
+    import math
+
+    block_size = args.block_size or copy.deepcopy(args).create_engine_config().cache_config.block_size
+    return max(1, math.ceil(tokens / block_size))
 
 
 def _on_cpu() -> bool:
@@ -154,6 +181,7 @@ class Engine:
             AutoTokenizer.from_pretrained(
                 engine_args.tokenizer or engine_args.model,
                 revision=engine_args.tokenizer_revision or engine_args.revision,
+                cache_dir=engine_args.download_dir,
                 trust_remote_code=engine_args.trust_remote_code,
             )
         )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-import os
 import logging
+import os
+import socket
 import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -70,9 +73,10 @@ def _git_sha() -> str | None:
         return None
 
 
-def create_app(config: Config, engine=None) -> FastAPI:
+def create_app(config: Config, engine=None, metrics_socket: socket.socket | None = None) -> FastAPI:
     """The ASGI app. The engine is built in the lifespan, so the port opens only once
-    it is ready (TGI's router likewise starts only after the model is warmed up)."""
+    it is ready (TGI's router likewise starts only after the model is warmed up).
+    ``metrics_socket`` (bound to --prometheus-port) serves /metrics' exposition once ready."""
     lifecycle = Lifecycle(
         shutdown_timeout=config.shutdown_timeout,
         stall_timeout=config.health_stall_timeout,
@@ -96,10 +100,11 @@ def create_app(config: Config, engine=None) -> FastAPI:
                 os.environ["WATERMARK_GAMMA"] = str(config.watermark_gamma)
             if config.watermark_delta is not None:
                 os.environ["WATERMARK_DELTA"] = str(config.watermark_delta)
-            lora_paths = {a.id: resolve(a) for a in parse_lora_adapters(config.lora_adapters)}
-            engine = Engine(
-                build_engine_args(model, config.tgi_engine_flags(), config.engine_flags, lora_paths), lora_paths
+            lora_paths = {a.id: resolve(a, config.hub_cache) for a in parse_lora_adapters(config.lora_adapters)}
+            engine_args = build_engine_args(
+                model, config.engine_flags, config.engine_overrides, lora_paths, config.max_batch_total_tokens
             )
+            engine = Engine(engine_args, lora_paths)
         max_input, max_total = resolve_limits(config, engine.max_model_len)
         limits = Limits(
             max_best_of=config.max_best_of,
@@ -143,9 +148,13 @@ def create_app(config: Config, engine=None) -> FastAPI:
             "sha": _git_sha(),
             "docker_label": None,
         }
+        if config.tokenizer_config_path:  # TGI's --tokenizer-config-path: its chat template wins
+            template = ChatTemplate.from_tokenizer_config(config.tokenizer_config_path)
+        else:
+            template = ChatTemplate.from_tokenizer(engine.tokenizer.hf)
         app.state.openai = OpenAIServing(
             app.state.tgi,
-            ChatTemplate.from_tokenizer(engine.tokenizer.hf),
+            template,
             model_id=model_id,
             version=tgi_compat.__version__,
             max_client_batch_size=config.max_client_batch_size,
@@ -157,9 +166,14 @@ def create_app(config: Config, engine=None) -> FastAPI:
             "ready: model=%s max_input_tokens=%d max_total_tokens=%d max_concurrent_requests=%d",
             model_id, max_input, max_total, config.max_concurrent_requests,
         )
+        metrics_listener = None
+        if metrics_socket is not None:
+            metrics_listener = await start_metrics_listener(metrics_socket, lambda: render_metrics(app.state))
         try:
             yield
         finally:
+            if metrics_listener is not None:
+                metrics_listener.close()
             await lifecycle.stop()
             if tracer is not None:
                 tracer.shutdown()
@@ -248,20 +262,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["Text Generation Inference"])
     async def metrics(request: Request) -> Response:
-        from prometheus_client import REGISTRY, generate_latest
-
-        state = request.app.state
-        tgi = state.metrics.render()
-        own = (
-            "# HELP tgi_compat_permits_in_use Concurrency permits held by generations in flight.\n"
-            "# TYPE tgi_compat_permits_in_use gauge\n"
-            f"tgi_compat_permits_in_use {state.limiter.in_use}\n"
-            "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
-            "# TYPE tgi_compat_engine_requests gauge\n"
-            f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
-        ).encode()
-        # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
-        return Response(tgi + b"\n" + own + generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")
+        return Response(render_metrics(request.app.state), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models", summary="Served models (OpenAI)", tags=["Text Generation Inference"])
     async def models(request: Request) -> Response:
@@ -273,7 +274,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
     openapi.install(app)
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=config.cors_allow_origin or ["*"],
+        allow_origins=list(config.cors_allow_origin) or ["*"],
         allow_methods=["GET", "POST"],
         allow_headers=["content-type"],
     )
@@ -283,6 +284,59 @@ def create_app(config: Config, engine=None) -> FastAPI:
 
 class _Unauthorized(Exception):
     pass
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+def render_metrics(state) -> bytes:
+    """The Prometheus exposition: TGI's series, ours, then vLLM's own."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    tgi = state.metrics.render()
+    own = (
+        "# HELP tgi_compat_permits_in_use Concurrency permits held by generations in flight.\n"
+        "# TYPE tgi_compat_permits_in_use gauge\n"
+        f"tgi_compat_permits_in_use {state.limiter.in_use}\n"
+        "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
+        "# TYPE tgi_compat_engine_requests gauge\n"
+        f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
+    ).encode()
+    # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
+    return tgi + b"\n" + own + generate_latest(REGISTRY)
+
+
+async def start_metrics_listener(sock: socket.socket, render) -> asyncio.Server:
+    """--prometheus-port: the exposition on every GET path of its own listener, as a
+    Prometheus exporter serves it (TGI binds this port but never serves it)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    async def exposition(request: Request) -> Response:
+        return Response(render(), media_type=METRICS_CONTENT_TYPE)
+
+    app = Starlette(routes=[Route("/{path:path}", exposition, methods=["GET"])])
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http="httptools")
+    config.load()
+    protocol = config.http_protocol_class
+    state = uvicorn.server.ServerState()
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: protocol(config=config, server_state=state, app_state={}, _loop=loop), sock=sock
+    )
+
+
+def bind_socket(host: str, port: int, flag: str) -> socket.socket:
+    """The listening address, taken before anything starts: a port in use is a start-up error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"`{flag} {port}`: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def bind_host(hostname: str) -> str:
@@ -297,17 +351,24 @@ def bind_host(hostname: str) -> str:
 
 def run(config: Config, log_config: dict | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1)."""
-    import uvicorn
     from sse_starlette.sse import AppStatus
 
     # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
     # (Lifecycle ends what is left after --shutdown-timeout with an error event).
     AppStatus.disable_automatic_graceful_drain()
-    app = create_app(config)
+    host = bind_host(config.hostname)
+    if config.prometheus_port == config.port:
+        raise ConfigError(
+            f"`--prometheus-port {config.prometheus_port}` is the same as `--port`: Prometheus metrics get "
+            "their own port (also served at /metrics on the main port); choose another `--prometheus-port`"
+        )
+    main_socket = bind_socket(host, config.port, "--port")
+    metrics_socket = bind_socket(host, config.prometheus_port, "--prometheus-port")
+    app = create_app(config, metrics_socket=metrics_socket)
     server = Server(
         uvicorn.Config(
             app,
-            host=bind_host(config.hostname),
+            host=host,
             port=config.port,
             loop="uvloop",
             http="httptools",
@@ -322,7 +383,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
         ),
         app.state.lifecycle,
     )
-    server.run()
+    server.run(sockets=[main_socket])
     if not server.started and server.lifecycle.exit_code == 0:
         return 3  # start-up failed (uvicorn logged why)
     return server.lifecycle.exit_code
