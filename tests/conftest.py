@@ -6,12 +6,15 @@ server instead of starting one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,3 +195,31 @@ def wait_idle(http: httpx.Client, timeout: float = 10.0) -> tuple[float, float]:
         if (permits == 0 and engine == 0) or time.monotonic() > deadline:
             return permits, engine
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def prometheus_scraping(target: str, metrics_path: str = "/metrics"):
+    """A real Prometheus (Debian's package) scraping ``target`` (host:port) every second;
+    yields its URL."""
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus package is missing: `make test` installs it (apt-get install prometheus)"
+    tmp = Path(tempfile.mkdtemp(prefix="prom-"))
+    (tmp / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: tgi\n    metrics_path: {metrics_path}\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "wb"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_http_ok(f"{url}/-/ready", 60, proc), (tmp / "prometheus.log").read_text()[-2000:]
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -29,18 +29,18 @@ def test_env_vars_and_flags(monkeypatch):
 def test_engine_flags_pass_through_and_tgi_mapping():
     config, _ = parse_config(["--num-shard", "2", "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "8"])
     assert config.engine_flags == ["--enforce-eager", "--max-num-seqs", "8"]
-    assert config.tgi_engine_flags() == ["--dtype", "bfloat16", "--tensor-parallel-size", "2"]
+    assert config.engine_overrides == {"dtype": "bfloat16", "tensor_parallel_size": 2}
 
 
 def test_max_total_tokens_sets_engine_context_unless_given():
     config, _ = parse_config(["--max-total-tokens", "512"])
-    assert config.tgi_engine_flags() == ["--max-model-len", "512"]
+    assert config.engine_overrides == {"max_model_len": 512}
     config, _ = parse_config(["--max-total-tokens", "512", "--max-model-len", "1024"])
-    assert config.tgi_engine_flags() == []
+    assert config.engine_overrides == {}
 
 
 def test_rejects_inconsistent_limits():
-    with pytest.raises(ConfigError, match="`max_input_tokens` must be < `max_total_tokens`"):
+    with pytest.raises(ConfigError, match=r"`max_input_tokens`\(10\) must be < `max_total_tokens`\(10\)"):
         parse_config(["--max-input-tokens", "10", "--max-total-tokens", "10"])
 
 
@@ -50,6 +50,6 @@ def test_engine_args_parse_with_vllm():
 
     model = str(build_tiny_model())
     config, _ = parse_config(["--num-shard", "1", "--max-num-seqs", "8", "--max-total-tokens", "256"])
-    args = build_engine_args(model, config.tgi_engine_flags(), config.engine_flags)
+    args = build_engine_args(model, config.engine_flags, config.engine_overrides)
     assert args.model == model and args.max_num_seqs == 8
     assert args.tensor_parallel_size == 1 and args.max_model_len == 256

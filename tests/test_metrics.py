@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_http_ok
+from tests.conftest import prometheus_scraping
 from tgi_compat.metrics import TGIMetrics, duration_buckets
 
 
@@ -91,28 +87,8 @@ def test_request_id_is_echoed_or_made(http):
 
 @pytest.fixture(scope="module")
 def prometheus(server_url):
-    binary = shutil.which("prometheus")
-    assert binary, "Debian's prometheus package is missing: `make test` installs it (apt-get install prometheus)"
-    target = server_url.removeprefix("http://")
-    tmp = Path(tempfile.mkdtemp(prefix="prom-"))
-    (tmp / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: tgi\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "wb"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_http_ok(f"{url}/-/ready", 60, proc), (tmp / "prometheus.log").read_text()[-2000:]
+    with prometheus_scraping(server_url.removeprefix("http://")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _query(prom: str, expr: str) -> list[dict]:
