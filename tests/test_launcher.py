@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -473,3 +474,88 @@ def test_help_runs():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(launcher.help_text())
     assert "--max-num-seqs" in out.stdout  # then vLLM's engine flags
+
+
+# --- a real server configured only by env vars, as a Kubernetes manifest would --------------------
+
+
+def test_server_from_env_vars_only(tmp_path, tiny):
+    """MODEL_ID is a Hub id read from HUGGINGFACE_HUB_CACHE (offline), everything else TGI's env
+    vars; /info reflects the limits and a real Prometheus scrapes --prometheus-port."""
+    import httpx
+
+    from tests.conftest import prometheus_scraping, wait_http_ok
+
+    # The embedded model as a Hub cache entry, so MODEL_ID is a Hub id as in a real manifest.
+    snapshot = tmp_path / "hub" / "models--tgi-compat--tiny" / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(tiny, snapshot)
+    (tmp_path / "hub" / "models--tgi-compat--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tgi-compat--tiny" / "refs" / "main").write_text("0" * 40)
+    port, prom = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL_ID", "PORT", "HOSTNAME"))},
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HUGGINGFACE_HUB_CACHE": str(tmp_path / "hub"),
+        "MODEL_ID": "tgi-compat/tiny",
+        "HOSTNAME": "tgi-compat-7d9f8c-x2x4q",  # a pod name: binds 0.0.0.0
+        "PORT": str(port),
+        "PROMETHEUS_PORT": str(prom),
+        "MAX_INPUT_TOKENS": "200",
+        "MAX_TOTAL_TOKENS": "256",
+        "MAX_BATCH_PREFILL_TOKENS": "512",
+        "MAX_BATCH_SIZE": "8",
+        "MAX_CONCURRENT_REQUESTS": "9",
+        "MAX_CLIENT_BATCH_SIZE": "3",
+        "VALIDATION_WORKERS": "3",
+        "SHARDED": "false",
+        "CUDA_GRAPHS": "0",
+        "USAGE_STATS": "off",
+        "GRACEFUL_TERMINATION_TIMEOUT": "5",
+        "WAITING_SERVED_RATIO": "1.2",
+        "JSON_OUTPUT": "false",
+    }
+    log_dir = Path(os.environ.get("TGI_COMPAT_TEST_LOGS", ROOT / ".test-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"env-only-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tgi_compat"], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT, start_new_session=True)
+    try:
+        assert wait_http_ok(f"http://127.0.0.1:{port}/health", 600, proc), log_path.read_text()[-3000:]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            info = http.get("/info").json()
+            assert info["model_id"] == "tgi-compat/tiny"
+            assert (info["max_input_tokens"], info["max_total_tokens"]) == (200, 256)
+            assert (info["max_concurrent_requests"], info["max_client_batch_size"], info["validation_workers"]) == (9, 3, 3)
+            r = http.post("/generate", json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 4}})
+            assert r.status_code == 200 and r.json()["generated_text"]
+            long = http.post("/generate", json={"inputs": "a " * 300, "parameters": {"max_new_tokens": 4}})
+            assert long.status_code == 422  # MAX_INPUT_TOKENS
+        text = log_path.read_text()
+        assert "`WAITING_SERVED_RATIO=1.2` has no effect here" in text
+        assert "VLLM_NO_USAGE_STATS=1" in text
+        # The metrics port serves /metrics' exposition, on any path, and a real Prometheus scrapes it.
+        main_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        side = httpx.get(f"http://127.0.0.1:{prom}/metrics", timeout=30)
+        assert side.status_code == 200 and side.headers["content-type"].startswith("text/plain")
+        for series in ("tgi_request_success", "tgi_batch_max_total_tokens", "tgi_compat_permits_in_use", "vllm:num_requests_running"):
+            assert f"\n{series}" in side.text and f"\n{series}" in main_metrics
+        with prometheus_scraping(f"127.0.0.1:{prom}") as prometheus:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                r = httpx.get(f"{prometheus}/api/v1/query", params={"query": 'tgi_request_success{job="tgi"}'}, timeout=10).json()
+                if r["data"]["result"]:
+                    break
+                time.sleep(0.5)
+            assert r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) >= 1
+            up = httpx.get(f"{prometheus}/api/v1/query", params={"query": 'up{job="tgi"}'}, timeout=10).json()
+            assert float(up["data"]["result"][0]["value"][1]) == 1.0
+        # SIGTERM: the drain (GRACEFUL_TERMINATION_TIMEOUT) ends in a clean exit.
+        os.killpg(proc.pid, 15)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)

@@ -324,8 +324,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ngrok", "Enable ngrok tunneling.", "no effect: no tunnel is opened (run ngrok beside the server); "
          "`--ngrok-authtoken` and `--ngrok-edge` are still required, as TGI", status=NO_EFFECT,
          kind="switch", parse=boolean, default=False),
-    Flag("ngrok-authtoken", "ngrok authentication token.", "no effect (see `--ngrok`)", status=NO_EFFECT),
-    Flag("ngrok-edge", "ngrok edge.", "no effect (see `--ngrok`)", status=NO_EFFECT),
+    Flag("ngrok-authtoken", "ngrok authentication token.", "no effect: see `--ngrok`", status=NO_EFFECT),
+    Flag("ngrok-edge", "ngrok edge.", "no effect: see `--ngrok`", status=NO_EFFECT),
     Flag("tokenizer-config-path", "A tokenizer_config.json to use (e.g. for its `chat_template`) instead "
          "of the model's.", "its chat_template, bos_token and eos_token render chat requests"),
     Flag("disable-grammar-support", "Disable grammar-constrained generation.", "`grammar` -> 422 "
@@ -352,7 +352,7 @@ FLAGS: tuple[Flag, ...] = (
          env_aliases=("SHUTDOWN_TIMEOUT",), default_text="30"),
     # --- TGI's router-only flags ---
     Flag("max-image-fetch-size", "Largest image a request may make the server fetch, in bytes.",
-         "kept for image inputs", parse=usize, default=1_073_741_824, origin="router"),
+         "`Config.max_image_fetch_size`, for image inputs (TGI's router flag, not the launcher's)", parse=usize, default=1_073_741_824, origin="router"),
     # --- ours ---
     Flag("keep-alive-seconds", "", "SSE `:` comment after this much silence", parse=real, default=15.0, origin="ours"),
     Flag("http-keep-alive-timeout", "", "seconds an idle keep-alive connection stays open; longer than clients' "
