@@ -389,11 +389,33 @@ def test_readme_migration_table_is_current():
 
 
 def test_vllm_flag_list_is_the_installed_vllms():
-    from tgi_compat.engine import engine_arg_parser
+    assert launcher.vllm_flags() is not None, "tgi_compat/vllm_flags.txt is for another vLLM version"
+    assert launcher.VLLM_FLAGS_FILE.read_text().splitlines() == launcher.describe_vllm_flags(), (
+        "regenerate tgi_compat/vllm_flags.txt with launcher.write_vllm_flags()")
 
-    known = launcher.vllm_flag_names()
-    assert known is not None, "tgi_compat/vllm_flags.txt is for another vLLM version"
-    assert known[1] == {o for a in engine_arg_parser()._actions for o in a.option_strings}
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-num-seqs", "abc"], "argument --max-num-seqs: invalid int value: 'abc'"),
+        (["--gpu-memory-utilization=lots"], "argument --gpu-memory-utilization: invalid float value: 'lots'"),
+        (["--runner", "nope"], "argument --runner: invalid choice: 'nope'"),
+        (["--max-num-seqs"], "argument --max-num-seqs: expected one argument"),
+        (["--enforce-eager", "--no-such-thing"], "unexpected argument '--no-such-thing'"),
+    ],
+)
+def test_vllm_flag_errors_without_importing_vllm(argv, message):
+    with pytest.raises(ConfigError) as e:
+        launcher._precheck_engine_flags(argv, launcher.vllm_flags())
+    assert message in str(e.value)
+
+
+def test_vllm_flags_that_pass_the_precheck():
+    known = launcher.vllm_flags()
+    for argv in (["--enforce-eager", "--max-num-seqs", "8"], ["-tp", "2"], ["-O3"], ["--max_num_seqs=8"],
+                 ["--cudagraph-capture-sizes", "1", "2", "4", "--seed", "-1"], ["--hf-overrides", '{"a": 1}'],
+                 ["--compilation-config.mode", "0"], ["--no-enable-prefix-caching"]):
+        launcher._precheck_engine_flags(argv, known)
 
 
 def test_cuda_extra_pins_the_cpu_release():
@@ -421,9 +443,10 @@ def _port_free(port: int) -> bool:
         (["--bogus-flag"], "unexpected argument '--bogus-flag'", 5),
         (["--max-batch-size", "lots"], "invalid value 'lots'", 5),
         (["--quantize", "exl2"], "`--quantize exl2`", 5),
-        # A bad value of a vLLM flag needs vLLM's own parser (importing vLLM: ~15 s on this
+        (["--max-num-seqs", "abc"], "argument --max-num-seqs: invalid int value: 'abc'", 5),
+        # A value only vLLM's own parser can judge needs vLLM imported (~15-20 s on this
         # loaded 2-core box), still before any port, model or engine.
-        (["--max-num-seqs", "abc"], "--max-num-seqs", 90),
+        (["--max-model-len", "12q"], "--max-model-len", 120),
     ],
 )
 def test_usage_error_exits_2_before_anything_starts(argv, message, limit):

