@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -334,6 +335,7 @@ def test_sagemaker_and_inference_endpoints():
     assert (config.model_id, config.revision, config.num_shard, config.quantize, config.trust_remote_code, config.port) == (
         "org/m", "abc", 1, "awq", True, 8080)
     assert parse_config(["serve", "--port", "8085"], sm)[0].port == 8085
+    assert parse_config(["serve"], {**sm, "PORT": "80"})[0].port == 8080  # our image sets PORT=80, as TGI's
     config, _ = parse_config([], sm)  # outside `serve`, TGI's own variables win
     assert config.model_id == "other" and config.port == 3000
     config, _ = parse_config([], {"MODEL_ID": "/repository", "PORT": "80"})  # Inference Endpoints
@@ -536,6 +538,7 @@ def test_server_from_env_vars_only(tmp_path, tiny):
         "CUDA_GRAPHS": "0",
         "USAGE_STATS": "off",
         "GRACEFUL_TERMINATION_TIMEOUT": "5",
+        "MAX_BATCH_TOTAL_TOKENS": "4096",
         "WAITING_SERVED_RATIO": "1.2",
         "JSON_OUTPUT": "false",
     }
@@ -563,6 +566,8 @@ def test_server_from_env_vars_only(tmp_path, tiny):
         main_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
         side = httpx.get(f"http://127.0.0.1:{prom}/metrics", timeout=30)
         assert side.status_code == 200 and side.headers["content-type"].startswith("text/plain")
+        # MAX_BATCH_TOTAL_TOKENS sized the KV cache (a whole number of blocks; 4096 is one for vLLM's sizes).
+        assert re.search(r"^tgi_batch_max_total_tokens 4096(\.0)?$", main_metrics, re.M), main_metrics[:2000]
         for series in ("tgi_request_success", "tgi_batch_max_total_tokens", "tgi_compat_permits_in_use", "vllm:num_requests_running"):
             assert f"\n{series}" in side.text and f"\n{series}" in main_metrics
         with prometheus_scraping(f"127.0.0.1:{prom}") as prometheus:

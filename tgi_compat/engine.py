@@ -82,10 +82,11 @@ def build_engine_args(
         so.disable_any_whitespace = True
         # outlines (TGI) allows only the listed properties unless told otherwise.
         so.disable_additional_properties = True
-    if _on_cpu() and not given & {"gpu_memory_utilization", "kv_cache_memory_bytes", "num_gpu_blocks_override"}:
+    if _on_cpu() and not given & {"gpu_memory_utilization", "kv_cache_memory_bytes"}:
         # On CPU, gpu_memory_utilization is a share of NUMA node 0's RAM and vLLM's
-        # default (0.92) fails on small hosts; a fixed KV cache is the portable default.
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and kv_token_budget is None:
+        # default (0.92) fails on small hosts; a fixed KV cache is the portable default
+        # (a block count from --max-batch-total-tokens still decides the size).
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             args.kv_cache_memory_bytes = GiB
     if kv_token_budget is not None and "num_gpu_blocks_override" not in given:
         args.num_gpu_blocks_override = kv_blocks_for(args, kv_token_budget)

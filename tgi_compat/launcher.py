@@ -469,7 +469,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(problem)
         values[f.name.replace("-", "_")] = value
         sources[f.name.replace("-", "_")] = source
-    if sagemaker and "port" not in sources:
+    if sagemaker and "port" not in cli:  # the entrypoint script passes --port 8080, which beats PORT
         values["port"], sources["port"] = 8080, "serve"
     return _make_config(values, sources, rest, env), False
 

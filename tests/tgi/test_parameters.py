@@ -261,7 +261,7 @@ def test_adapter_changes_output_and_each_is_reproducible(lora_server):
         client.text_generation("x", max_new_tokens=2, adapter_id="other")
     # The OpenAI routes pick an adapter by `model`; other names mean the base model.
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
-    with httpx.Client(base_url=lora_server) as h:
+    with httpx.Client(base_url=lora_server, timeout=120) as h:
         a = h.post("/v1/chat/completions", json={**chat, "model": "tiny-lora"}).json()
         b = h.post("/v1/chat/completions", json={**chat, "model": "gpt-4"}).json()
         c = h.post("/v1/chat/completions", json=chat).json()
