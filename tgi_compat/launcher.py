@@ -1,12 +1,12 @@
 """TGI's launcher flags, declared once each: how they parse, their env var, and what they do here.
 
 ``FLAGS`` is TGI 3's ``text-generation-launcher`` (``launcher/src/main.rs``, struct ``Args``, in
-TGI's order), then TGI's router-only flags, then flags of our own. Each flag is one of:
+TGI's order), then TGI's router-only flags, then flags of our own (``origin="ours"``; adding
+one is one ``Flag(...)`` line plus its ``Config`` field). Each flag is one of:
 
 - ``mapped``: onto a ``Config`` field and/or vLLM engine arguments (``engine`` turns the value
   into ``AsyncEngineArgs`` fields);
-- ``no-effect``: accepted, and when set a start-up line says why it changes nothing here;
-- ``ours``: a flag TGI does not have.
+- ``no-effect``: accepted, and when set a start-up line says why it changes nothing here.
 
 A value vLLM cannot honour without changing what is served is refused (``refuse``) with one
 paragraph naming the flag, the value and what to use instead. Values parse as TGI's clap
@@ -34,7 +34,7 @@ from typing import Any
 
 from tgi_compat.config import Config, ConfigError
 
-MAPPED, NO_EFFECT, OURS = "mapped", "no-effect", "ours"
+MAPPED, NO_EFFECT = "mapped", "no-effect"
 ENV = "ENV"  # marker: the env var is the flag's name in UPPER_SNAKE (clap's `env`)
 
 # --- value parsers (clap's) ----------------------------------------------------------------
@@ -866,8 +866,7 @@ def help_text() -> str:
             out.append(f"  {names}{_metavar(f)}")
             if f.help:
                 out.append(wrap(f.help))
-            label = {MAPPED: "Here", NO_EFFECT: "Here", OURS: "Here"}[f.status]
-            out.append(wrap(f"{label}: {f.how}"))
+            out.append(wrap(f"Here: {f.how}"))
             tail = []
             if f.env_var:
                 tail.append(f"[env: {f.env_var}]")
