@@ -12,6 +12,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from tgi_compat import version_text
+
 TRUE = {"1", "true", "yes", "on"}
 
 
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("-h", "--help", action="store_true", help="Show this help, then vLLM's engine flags, and exit.")
+    p.add_argument("--version", action="version", version=version_text(),
+                   help="Print tgi-compat's version and the TGI release whose API it serves, and exit.")
     a = p.add_argument
     a("--model-id", default=_env("MODEL_ID"), help="Hub model id or local path (MODEL_ID). Default: the embedded tiny test model.")
     a("--revision", default=_env("REVISION"), help="Model revision on the Hub (REVISION).")
