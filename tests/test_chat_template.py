@@ -53,7 +53,7 @@ def test_chat_without_template_is_a_template_error():
     from tgi_compat.openai.protocol import ChatRequest
     from tgi_compat.openai.serving import OpenAIServing
 
-    serving = OpenAIServing(None, None, model_id="m", version="0", max_client_batch_size=4)
+    serving = OpenAIServing(None, None, model_id="m", fingerprint="0-native", max_client_batch_size=4)
     chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(TemplateError) as e:
         serving.chat_request(chat)

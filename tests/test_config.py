@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import tgi_compat
+from tgi_compat.cli import main
 from tgi_compat.config import ConfigError, parse_config
 
 
@@ -53,3 +55,11 @@ def test_engine_args_parse_with_vllm():
     args = build_engine_args(model, config.engine_flags, config.engine_overrides)
     assert args.model == model and args.max_num_seqs == 8
     assert args.tensor_parallel_size == 1 and args.max_model_len == 256
+
+
+def test_version_flag_prints_both_versions(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"tgi-compat {tgi_compat.__version__} (TGI API {tgi_compat.TGI_VERSION})"

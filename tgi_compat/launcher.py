@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tgi_compat import version_text
 from tgi_compat.config import Config, ConfigError
 
 MAPPED, NO_EFFECT = "mapped", "no-effect"
@@ -385,6 +386,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tgi-compat", add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-V", "--version", action="version", version=version_text())
     for f in FLAGS:
         names = [*(f"-{f.short}",) * bool(f.short), f.flag, *(f"--{a}" for a in f.aliases)]
         dest = f.name.replace("-", "_")
@@ -874,7 +876,8 @@ def help_text() -> str:
                 tail.append(f"[default: {d}]")
             if tail:
                 out.append(" " * 10 + " ".join(tail))
-    out += ["", "  -h, --help", " " * 10 + "Print this help (then vLLM's engine flags) and exit"]
+    out += ["", "  -h, --help", " " * 10 + "Print this help (then vLLM's engine flags) and exit",
+            "  -V, --version", " " * 10 + "Print tgi-compat's version and the TGI release whose API it serves, and exit"]
     return "\n".join(out)
 
 

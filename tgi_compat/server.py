@@ -62,6 +62,11 @@ def resolve_limits(config: Config, max_model_len: int) -> tuple[int, int]:
     return max_input, total
 
 
+def system_fingerprint(info: dict) -> str:
+    """TGI's OpenAI ``system_fingerprint``: ``"{version}-{docker_label or 'native'}"``."""
+    return f"{info['version']}-{info['docker_label'] or 'native'}"
+
+
 def _git_sha() -> str | None:
     try:
         root = Path(tgi_compat.__file__).resolve().parent.parent
@@ -144,9 +149,10 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
             "validation_workers": config.validation_workers,
             "max_client_batch_size": config.max_client_batch_size,
             "router": ROUTER_NAME,
-            "version": tgi_compat.__version__,
+            "version": tgi_compat.TGI_VERSION,  # clients gate features on TGI's release
             "sha": _git_sha(),
             "docker_label": None,
+            "tgi_compat_version": tgi_compat.__version__,  # ours; TGI's clients ignore unknown fields
         }
         if config.tokenizer_config_path:  # TGI's --tokenizer-config-path: its chat template wins
             template = ChatTemplate.from_tokenizer_config(config.tokenizer_config_path)
@@ -156,15 +162,15 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
             app.state.tgi,
             template,
             model_id=model_id,
-            version=tgi_compat.__version__,
+            fingerprint=system_fingerprint(app.state.info),
             max_client_batch_size=config.max_client_batch_size,
             adapters=limits.adapters,
         )
         # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
         app.state.full_text_default = app.state.info["model_pipeline_tag"] in (None, "text-generation")
         logger.info(
-            "ready: model=%s max_input_tokens=%d max_total_tokens=%d max_concurrent_requests=%d",
-            model_id, max_input, max_total, config.max_concurrent_requests,
+            "ready: %s model=%s max_input_tokens=%d max_total_tokens=%d max_concurrent_requests=%d",
+            tgi_compat.version_text(), model_id, max_input, max_total, config.max_concurrent_requests,
         )
         metrics_listener = None
         if metrics_socket is not None:
@@ -185,8 +191,8 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
 
     app = FastAPI(
         title="tgi-compat",
-        version=tgi_compat.__version__,
-        description="Text Generation Inference's HTTP API on vLLM",
+        version=tgi_compat.TGI_VERSION,  # TGI's document carries its release too
+        description=f"Text Generation Inference's HTTP API on vLLM ({tgi_compat.version_text()})",
         lifespan=lifespan,
         docs_url="/docs",
         openapi_url="/api-doc/openapi.json",
@@ -377,6 +383,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
             access_log=False,
             # uvicorn's default (5 s) is shorter than clients' pool timeouts (aiohttp 15 s):
             # under load a client then sends on a connection the server just closed.
+            server_header=False,  # TGI (axum) sends no `server` header
             timeout_keep_alive=int(config.http_keep_alive_timeout),
             # Our drain ends streams after shutdown_timeout; uvicorn's limit is a backstop.
             timeout_graceful_shutdown=int(config.shutdown_timeout) + 10,

@@ -38,7 +38,9 @@ def test_non_stream_shape_and_usage(http):
     body = r.json()
     assert list(body) == ["object", "id", "created", "model", "system_fingerprint", "choices", "usage"]
     assert body["object"] == "chat.completion" and body["id"] == ""
-    assert body["model"] == http.get("/info").json()["model_id"]  # no model given
+    info = http.get("/info").json()
+    assert body["model"] == info["model_id"]  # no model given
+    assert body["system_fingerprint"] == f"{info['version']}-native"  # TGI's rule, from TGI's release
     choice = body["choices"][0]
     assert list(choice) == ["index", "message", "logprobs", "finish_reason"]
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
@@ -233,6 +235,31 @@ def test_huggingface_hub_chat_completion(server_url):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     out = client.chat_completion(HELLO, max_tokens=30, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+def test_langchain_json_object_with_schema(http, server_url):
+    """LangChain's ChatHuggingFace.with_structured_output(method="json_schema") sends
+    `{"type": "json_object", "schema": S}` through huggingface_hub (TGI refuses it): the
+    output is constrained to S, stream and non-stream."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"]}
+    fmt = {"type": "json_object", "schema": schema}
+    client = InferenceClient(base_url=server_url)
+    for seed in (1, 2):
+        out = client.chat_completion(HELLO, max_tokens=100, seed=seed, response_format=fmt)
+        assert out.choices[0].finish_reason == "stop"  # the grammar let the model close the object
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+        chunks = list(client.chat_completion(HELLO, max_tokens=100, seed=seed, response_format=fmt, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads("".join(c.choices[0].delta.content for c in chunks)), schema)
+    # A key we do not understand beside it could change the output: refused, not ignored.
+    r = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 5,
+                                                 "response_format": {**fmt, "strict": True}})
+    assert r.status_code == 422
+    assert r.text.startswith("Failed to deserialize the JSON body") and "unknown field `strict`" in r.text
+    r = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 5, "logit_bias": {"42": 100}})
+    assert r.status_code == 422 and "`logit_bias` map is not supported" in r.text
 
 
 def test_huggingface_hub_async_chat_completion(server_url):

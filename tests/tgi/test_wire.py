@@ -8,7 +8,9 @@ import time
 
 import httpx
 import pytest
+from packaging import version
 
+import tgi_compat
 from tests.conftest import generated_tokens, wait_idle
 
 PROMPT = "What is Deep Learning?"
@@ -199,11 +201,23 @@ def test_info_and_health(http):
     assert list(info) == [
         "model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests", "max_best_of",
         "max_stop_sequences", "max_input_tokens", "max_total_tokens", "validation_workers",
-        "max_client_batch_size", "router", "version", "sha", "docker_label",
+        "max_client_batch_size", "router", "version", "sha", "docker_label", "tgi_compat_version",
     ]
     assert info["max_total_tokens"] == 1024 and info["max_input_tokens"] == 1023
     assert info["router"] == "text-generation-router"
     assert info["max_concurrent_requests"] == 32
+    assert (info["version"], info["tgi_compat_version"]) == (tgi_compat.TGI_VERSION, tgi_compat.__version__)
+    assert "server" not in http.get("/info").headers  # TGI (axum) sends none
+
+
+def test_info_version_passes_client_gates(http):
+    """LlamaIndex's TextGenerationInference reads /info.version as TGI's release
+    (llama_index/llms/text_generation_inference/utils.py)."""
+    info = http.get("/info").json()
+    tgi = version.parse(info["version"])
+    assert tgi >= version.parse("2.0.1")  # resolve_tgi_function_call: native tool calling
+    assert tgi >= version.parse("2.1.0")  # get_max_input_tokens reads `max_input_tokens`, which we send
+    assert info["max_input_tokens"] == 1023
 
 
 def test_openapi_documents_routes(http):

@@ -2,11 +2,10 @@
 ``CompletionRequest``), as pydantic models.
 
 They follow TGI's serde structs: unknown fields ignored, ``Option`` fields accept
-``null``. Where TGI's types reject what OpenAI clients routinely send, we accept it and
-say so here: ``stop`` as a single string, ``logit_bias`` as OpenAI's map (ignored, as
-TGI ignores it), ``stream_options: null``, and OpenAI's ``response_format`` shapes
-(``{"type": "json_object"}`` without a schema, ``{"type": "json_schema", "json_schema":
-{...}}`` and ``{"type": "text"}``) beside TGI's ``{"type", "value"}`` grammar.
+``null``. Where TGI's types reject what OpenAI clients routinely send, we accept it only
+where the whole request is honoured (README, "Leniencies"): ``stop`` as a single string,
+``stream_options: null``, an empty ``logit_bias`` map, a tool function without
+``parameters``, ``{"type": "text"}`` and the other grammar shapes of ``Grammar``.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tgi_compat.tgi.protocol import F32, U32, U64, Grammar, check_grammar_shape
+from tgi_compat.tgi.protocol import F32, U32, U64, Grammar, check_grammar_shape, other_grammar_shapes
 
 
 class _Wire(BaseModel):
@@ -86,27 +85,29 @@ class StreamOptions(_Wire):
 
 
 class ResponseFormat(Grammar):
-    """TGI's grammar, or OpenAI's ``response_format``."""
+    """TGI's grammar (with the other shapes of ``Grammar``), or OpenAI's ``{"type": "text"}``."""
 
     type: Literal["json", "json_object", "json_schema", "regex", "text"]  # type: ignore[assignment]
-    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_shapes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "text":
+            unknown = [k for k in data if k != "type"]
+            if unknown:
+                raise ValueError(f"unknown field `{unknown[0]}` in a `text` response format")
+            return data
+        return other_grammar_shapes(data)
 
     @model_validator(mode="after")
     def _value_shape(self) -> ResponseFormat:
-        if self.type == "text":
-            return self
-        if self.type == "json_schema" and "value" not in self.model_fields_set:
-            if not (isinstance(self.json_schema, dict) and "schema" in self.json_schema):
-                raise ValueError("missing field `schema` in `json_schema`")
-            return self
-        check_grammar_shape(self)
+        if self.type != "text":
+            check_grammar_shape(self)
         return self
 
     def grammar(self) -> Grammar | None:
         if self.type == "text":
             return None
-        if self.type == "json_schema" and "value" not in self.model_fields_set:
-            return Grammar(type="json_schema", value=self.json_schema)
         if "value" not in self.model_fields_set:
             return Grammar(type=self.type)
         return Grammar(type=self.type, value=self.value)
@@ -117,7 +118,9 @@ class ChatRequest(_Wire):
                               "The name of a loaded LoRA adapter selects it.", examples=["tgi"])
     messages: list[Message] = Field(examples=[[{"role": "user", "content": "What is Deep Learning?"}]])
     frequency_penalty: F32 | None = Field(None, examples=[1.0])
-    logit_bias: Any = Field(None, description="Ignored (as TGI).")
+    logit_bias: list[F32] | dict[str, Any] | None = Field(
+        None, description="TGI's list is ignored (as TGI). OpenAI's token-to-bias map is refused unless empty: "
+        "its biases are not applied.")
     logprobs: bool | None = Field(None, examples=[False])
     top_logprobs: U32 | None = Field(None, description="Top tokens per position, <= --max-top-n-tokens.", examples=[5])
     max_tokens: U32 | None = Field(
@@ -141,6 +144,13 @@ class ChatRequest(_Wire):
     @classmethod
     def _stop(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if isinstance(v, dict) and v:
+            raise ValueError("a `logit_bias` map is not supported: its biases would not be applied")
+        return v
 
     def tool_choice_value(self) -> str | tuple[str, str]:
         """TGI's ``ToolChoice``: "auto", "none", "required" or ("function", name)."""

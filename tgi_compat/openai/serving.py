@@ -52,12 +52,12 @@ class _NoTool(StopStream):
 
 
 class OpenAIServing:
-    def __init__(self, tgi: TGIServing, template: ChatTemplate | None, *, model_id: str, version: str,
+    def __init__(self, tgi: TGIServing, template: ChatTemplate | None, *, model_id: str, fingerprint: str,
                  max_client_batch_size: int, adapters: frozenset[str] = frozenset()):
         self.tgi = tgi
         self.template = template
         self.model_id = model_id
-        self.fingerprint = f"{version}-native"  # TGI: "{version}-{docker_label or 'native'}"
+        self.fingerprint = fingerprint
         self.max_client_batch_size = max_client_batch_size
         self.adapters = adapters
 

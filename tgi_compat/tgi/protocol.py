@@ -28,11 +28,14 @@ class _Strict(BaseModel):
 
 
 class Grammar(_Strict):
-    """TGI's ``GrammarType`` (serde adjacently tagged: ``{"type", "value"}``)."""
+    """TGI's ``GrammarType`` (serde adjacently tagged: ``{"type", "value"}``), and the
+    shapes of ``other_grammar_shapes``."""
 
     type: Literal["json", "json_object", "json_schema", "regex"] = Field(
         description="`json`/`json_object` take a JSON schema (an object or a JSON string), "
-        "`json_schema` takes `{name?, schema}`, `regex` a regex."
+        "`json_schema` takes `{name?, schema}`, `regex` a regex. Also accepted (TGI refuses them): "
+        "the schema of `json`/`json_object` under `schema` instead of `value` (LangChain), OpenAI's "
+        "`{\"type\": \"json_schema\", \"json_schema\": {name?, schema}}`; without `value`, other keys are refused."
     )
     value: Any = Field(
         None,
@@ -40,10 +43,49 @@ class Grammar(_Strict):
         "an absent value means any JSON object (OpenAI's JSON mode; TGI requires a schema).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _other_shapes(cls, data: Any) -> Any:
+        return other_grammar_shapes(data)
+
     @model_validator(mode="after")
     def _value_shape(self) -> Grammar:
         check_grammar_shape(self)
         return self
+
+
+# Shapes clients send that TGI's serde refuses (it wants `value`), each honoured whole:
+# the key named here carries the constraint and becomes `value`.
+_SCHEMA_KEY = {
+    "json": "schema",
+    "json_object": "schema",  # LangChain's with_structured_output(method="json_schema")
+    "json_schema": "json_schema",  # OpenAI's {"type": "json_schema", "json_schema": {name, schema, strict}}
+}
+
+
+def other_grammar_shapes(data: Any) -> Any:
+    """Map the non-TGI grammar shapes we accept onto TGI's ``{"type", "value"}``.
+
+    Without ``value``, every key besides ``type`` and the schema key of ``_SCHEMA_KEY``
+    is refused: we cannot tell whether it would change the output, and ignoring a
+    constraint is worse than TGI's refusal. With ``value`` (TGI's shape) other keys are
+    ignored as TGI ignores them, except a second schema, which would compete with it.
+    """
+    if not isinstance(data, dict):
+        return data
+    kind = data.get("type")
+    key = _SCHEMA_KEY.get(kind) if isinstance(kind, str) else None
+    if "value" in data:
+        if key is not None and key in data:
+            raise ValueError(f"both `value` and `{key}` given; send the schema once")
+        return data
+    unknown = [k for k in data if k not in ("type", key)]
+    if unknown:
+        expected = "`value`" + (f" or `{key}`" if key else "")
+        raise ValueError(f"unknown field `{unknown[0]}` in a `{kind}` grammar; expected {expected}")
+    if key is not None and key in data:
+        data = {"type": kind, "value": data[key]}
+    return data
 
 
 def check_grammar_shape(g: Grammar) -> None:
@@ -169,9 +211,10 @@ class Info(BaseModel):
     validation_workers: int
     max_client_batch_size: int
     router: str
-    version: str
+    version: str = Field(description="The TGI release whose API is served.", examples=["3.3.6-dev0"])
     sha: str | None
     docker_label: str | None
+    tgi_compat_version: str = Field(description="tgi-compat's own version (`version` is the TGI release whose API is served).")
 
 
 # --- dict builders used on the hot path (TGI's field order) ---
