@@ -53,3 +53,10 @@ def test_engine_args_parse_with_vllm():
     args = build_engine_args(model, config.tgi_engine_flags(), config.engine_flags)
     assert args.model == model and args.max_num_seqs == 8
     assert args.tensor_parallel_size == 1 and args.max_model_len == 256
+
+
+def test_embedded_model_names():
+    assert parse_config(["--model-id", "embedded:tiny-vlm"])[0].model_id == "embedded:tiny-vlm"
+    assert parse_config(["--model-id", "embedded:tiny"])[0].model_id == "embedded:tiny"
+    with pytest.raises(ConfigError, match="unknown embedded model `nope`; embedded models: tiny, tiny-vlm"):
+        parse_config(["--model-id", "embedded:nope"])

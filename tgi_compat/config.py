@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 
 TRUE = {"1", "true", "yes", "on"}
 
+# ``--model-id embedded:<name>``: models built offline for tests and demos (module, builder).
+EMBEDDED_MODELS = {
+    "tiny": ("tgi_compat.tiny_model", "build_tiny_model"),
+    "tiny-vlm": ("tgi_compat.tiny_vlm", "build_tiny_vlm"),
+}
+
 
 @dataclass
 class Config:
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-h", "--help", action="store_true", help="Show this help, then vLLM's engine flags, and exit.")
     a = p.add_argument
-    a("--model-id", default=_env("MODEL_ID"), help="Hub model id or local path (MODEL_ID). Default: the embedded tiny test model.")
+    a("--model-id", default=_env("MODEL_ID"), help="Hub model id or local path (MODEL_ID); `embedded:tiny` (the default) and `embedded:tiny-vlm` are models built offline for tests.")
     a("--revision", default=_env("REVISION"), help="Model revision on the Hub (REVISION).")
     a("--hostname", default=_env("HOSTNAME", "0.0.0.0"), help="Address to bind (HOSTNAME). Default 0.0.0.0.")
     a("-p", "--port", type=int, default=int(_env("PORT", 3000)), help="Port to listen on (PORT). Default 3000.")
@@ -173,6 +179,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
         and config.max_input_tokens >= config.max_total_tokens
     ):
         raise ConfigError("`max_input_tokens` must be < `max_total_tokens`")
+    if config.model_id and config.model_id.startswith("embedded:"):
+        name = config.model_id.removeprefix("embedded:")
+        if name not in EMBEDDED_MODELS:
+            raise ConfigError(f"unknown embedded model `{name}`; embedded models: {', '.join(EMBEDDED_MODELS)}")
     from tgi_compat.adapters import parse_lora_adapters
 
     try:

@@ -37,12 +37,20 @@ ROUTER_NAME = "text-generation-router"
 
 
 def resolve_model(config: Config) -> str:
-    if config.model_id:
-        return config.model_id
-    from tgi_compat.tiny_model import build_tiny_model
+    """The path or hub id vLLM loads: ``--model-id`` as given, or an embedded model built
+    on first use (no ``--model-id``: ``embedded:tiny``)."""
+    model_id = config.model_id or "embedded:tiny"
+    if not model_id.startswith("embedded:"):
+        return model_id
+    import importlib
 
-    path = str(build_tiny_model())
-    logger.info("no --model-id given: serving the embedded tiny model at %s", path)
+    from tgi_compat.config import EMBEDDED_MODELS
+
+    name = model_id.removeprefix("embedded:")
+
+    module, builder = EMBEDDED_MODELS[name]
+    path = str(getattr(importlib.import_module(module), builder)())
+    logger.info("serving the embedded model %s at %s", model_id, path)
     return path
 
 
