@@ -60,3 +60,16 @@ def test_embedded_model_names():
     assert parse_config(["--model-id", "embedded:tiny"])[0].model_id == "embedded:tiny"
     with pytest.raises(ConfigError, match="unknown embedded model `nope`; embedded models: tiny, tiny-vlm"):
         parse_config(["--model-id", "embedded:nope"])
+
+
+def test_image_flags(monkeypatch):
+    c = parse_config([])[0]
+    assert (c.max_image_fetch_size, c.image_fetch_timeout, c.max_images_per_request) == (1073741824, 10.0, 8)
+    assert c.image_fetch_allow == []
+    monkeypatch.setenv("IMAGE_FETCH_ALLOW", "127.0.0.0/8,images.internal")
+    monkeypatch.setenv("MAX_IMAGE_FETCH_SIZE", "1000")
+    c = parse_config(["--image-fetch-allow", "10.0.0.0/8"])[0]
+    assert c.image_fetch_allow == ["127.0.0.0/8", "images.internal", "10.0.0.0/8"]
+    assert c.max_image_fetch_size == 1000
+    with pytest.raises(ConfigError, match="`max_images_per_request` must be > 0"):
+        parse_config(["--max-images-per-request", "0"])

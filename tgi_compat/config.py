@@ -56,6 +56,12 @@ class Config:
     lora_adapters: str | None = None
     watermark_gamma: float | None = None
     watermark_delta: float | None = None
+    # Images in prompts (multimodal models): TGI's router flag, then tgi-compat's own bounds.
+    max_image_fetch_size: int = 1 << 30
+    image_fetch_timeout: float = 10.0
+    max_images_per_request: int = 8
+    max_image_pixels: int = 50_000_000
+    image_fetch_allow: list[str] = field(default_factory=list)
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, untouched
 
     def tgi_engine_flags(self) -> list[str]:
@@ -141,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
       help="Green-list fraction of the vocabulary for `watermark` (WATERMARK_GAMMA). Default 0.5.")
     a("--watermark-delta", type=float, default=_float_env("WATERMARK_DELTA"),
       help="Logit bias of green-list tokens for `watermark` (WATERMARK_DELTA). Default 2.0.")
+    a("--max-image-fetch-size", type=int, default=int(_env("MAX_IMAGE_FETCH_SIZE", 1 << 30)),
+      help="Largest image body fetched or decoded, in bytes (MAX_IMAGE_FETCH_SIZE). Default 1073741824, as TGI's router.")
+    a("--image-fetch-timeout", type=float, default=float(_env("IMAGE_FETCH_TIMEOUT", 10.0)),
+      help="Seconds to fetch one image: DNS, connection, redirects, body (IMAGE_FETCH_TIMEOUT). Default 10.")
+    a("--max-images-per-request", type=int, default=int(_env("MAX_IMAGES_PER_REQUEST", 8)),
+      help="Most images in one prompt (MAX_IMAGES_PER_REQUEST). Default 8.")
+    a("--max-image-pixels", type=int, default=int(_env("MAX_IMAGE_PIXELS", 50_000_000)),
+      help="Largest image in pixels (width x height), checked before decoding (MAX_IMAGE_PIXELS). Default 50000000.")
+    a("--image-fetch-allow", action="append", default=[o for o in (_env("IMAGE_FETCH_ALLOW") or "").split(",") if o],
+      help="Host name or CIDR network images may be fetched from although not public (loopback, private, "
+      "link-local); repeatable (IMAGE_FETCH_ALLOW, comma-separated). Default: public addresses only.")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="Log level (LOG_LEVEL). Default info.")
     return p
 
@@ -171,6 +188,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
     config = Config(**values, engine_flags=rest)
     if config.validation_workers <= 0:
         raise ConfigError("`validation_workers` must be > 0")
+    for name in ("max_image_fetch_size", "image_fetch_timeout", "max_images_per_request", "max_image_pixels"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"`{name}` must be > 0")
     if config.max_concurrent_requests <= 0:
         raise ConfigError("`max_concurrent_requests` must be > 0")
     if (
