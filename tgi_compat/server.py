@@ -130,8 +130,21 @@ def create_app(config: Config, engine=None) -> FastAPI:
             from tgi_compat.tracing import Tracer
 
             tracer = Tracer(config.otlp_endpoint, config.otlp_service_name)
+        images = None
+        if getattr(engine, "multimodal", False):
+            from tgi_compat.images import FetchPolicy, ImageFetcher
+
+            images = ImageFetcher(FetchPolicy.with_allow(
+                config.image_fetch_allow,
+                max_fetch_size=config.max_image_fetch_size,
+                timeout=config.image_fetch_timeout,
+                # vLLM refuses more than its own per-prompt limit anyway
+                max_images=min(config.max_images_per_request, engine.max_images),
+                max_pixels=config.max_image_pixels,
+            ))
         app.state.tgi = TGIServing(
-            engine, limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer
+            engine, limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer,
+            images=images,
         )
         lifecycle.start(engine)
         model_id = config.model_id or engine.engine_args.model
@@ -169,6 +182,8 @@ def create_app(config: Config, engine=None) -> FastAPI:
             yield
         finally:
             await lifecycle.stop()
+            if images is not None:
+                await images.aclose()
             if tracer is not None:
                 tracer.shutdown()
             if owned:
@@ -250,8 +265,10 @@ def create_app(config: Config, engine=None) -> FastAPI:
     async def tokenize(request: Request) -> Response:
         await auth(request)
         req = await parse_json_body(request, GenerateRequest)
-        tokens = request.app.state.engine.tokenizer.offsets(req.inputs)
-        body = [{"id": i, "text": t, "start": s, "stop": e} for i, t, s, e in tokens]
+        try:
+            body = await request.app.state.tgi.tokenize(req.inputs)
+        except TGIError as e:
+            return e.response()
         return Response(orjson.dumps(body), media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["Text Generation Inference"])
