@@ -187,6 +187,9 @@ def test_stream_and_compat_route(vlm):
     assert events[-1]["generated_text"] == ref["generated_text"]
     compat = vlm.post("/", json={"inputs": prompt, "parameters": {"max_new_tokens": 6, "do_sample": False}})
     assert compat.status_code == 200 and compat.json()[0]["generated_text"] == prompt + ref["generated_text"]
+    completion = vlm.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}).json()
+    assert completion["choices"][0]["text"] == ref["generated_text"]
+    assert completion["usage"]["prompt_tokens"] == events[-1]["details"]["input_length"]
 
 
 def test_truncate_and_length_limits_count_image_tokens(vlm):
@@ -263,10 +266,13 @@ def test_chat_with_image_parts(vlm, images_host):
     assert a.choices[0].message.content != b.choices[0].message.content
     # The templated prompt holds the image's tokens: prompt_tokens counts them.
     assert a.usage.prompt_tokens == a_http.usage.prompt_tokens
-    templated = vlm.post("/chat_tokenize", json={"messages": chat_messages("u")}).json()["templated_text"]
+    templated = vlm.post("/chat_tokenize", json={"messages": chat_messages(uri(A))}).json()
+    assert len(templated["tokenize_response"]) == a.usage.prompt_tokens
+    assert templated["templated_text"].count("![](data:image/png;base64,") == 1
+    text_only = templated["templated_text"].replace(f"![]({uri(A)})", "<image>")
     assert a.usage.prompt_tokens == len(
-        vlm.post("/tokenize", json={"inputs": templated.replace("![](u)", "<image>")}).json()
-    ) - 1 + TOKENS_PER_IMAGE - 1  # no BOS added to a templated prompt; the template has its own
+        vlm.post("/tokenize", json={"inputs": text_only}).json()
+    ) - 1 + TOKENS_PER_IMAGE - 1  # /tokenize adds a BOS; a templated prompt has the template's own
 
     oa = openai.OpenAI(base_url=f"{base}/v1", api_key="-", timeout=120)
     got = oa.chat.completions.create(model="tgi", messages=chat_messages(uri(A)), max_tokens=8, temperature=0)

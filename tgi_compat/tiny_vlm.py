@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tgi_compat import tiny_model
@@ -136,18 +134,7 @@ def build_tiny_vlm(cache_dir: Path | None = None) -> Path:
     if (target / "config.json").exists():
         return target
     text_model = tiny_model.build_tiny_model(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-    try:
-        _build(tmp, text_model)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return tiny_model.build_cached(target, lambda out: _build(out, text_model))
 
 
 if __name__ == "__main__":
