@@ -21,14 +21,14 @@ def test_build_is_deterministic_cached_and_processes_images(tmp_path):
     assert _digest(a) == _digest(b)
     assert build_tiny_vlm(tmp_path / "a") == a  # cached: same path, no rebuild
 
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     config = AutoConfig.from_pretrained(a)
     assert config.architectures == ["Idefics3ForConditionalGeneration"]
     processor = AutoProcessor.from_pretrained(a)
     tok = processor.tokenizer
     # The text model's tokenizer, plus the image tokens.
-    text_tok = __import__("transformers").AutoTokenizer.from_pretrained(next((tmp_path / "a").glob("tiny-llama-*")))
+    text_tok = AutoTokenizer.from_pretrained(next((tmp_path / "a").glob("tiny-llama-*")))
     assert tok.encode("Once upon a time") == text_tok.encode("Once upon a time")
     assert config.image_token_id == tok.convert_tokens_to_ids(tiny_vlm.IMAGE_TOKEN)
     out = processor(text="Look: <image> now", images=[Image.new("RGB", (100, 40), (200, 10, 10))])
