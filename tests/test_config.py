@@ -63,3 +63,25 @@ def test_version_flag_prints_both_versions(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.strip() == f"tgi-compat {tgi_compat.__version__} (TGI API {tgi_compat.TGI_VERSION})"
+
+
+def test_embedded_model_names():
+    assert parse_config(["--model-id", "embedded:tiny-vlm"])[0].model_id == "embedded:tiny-vlm"
+    assert parse_config(["--model-id", "embedded:tiny"])[0].model_id == "embedded:tiny"
+    with pytest.raises(ConfigError, match="unknown embedded model `nope`; embedded models: tiny, tiny-vlm"):
+        parse_config(["--model-id", "embedded:nope"])
+
+
+def test_image_flags(monkeypatch):
+    c = parse_config([])[0]
+    assert (c.max_image_fetch_size, c.image_fetch_timeout, c.max_images_per_request) == (1073741824, 10.0, 8)
+    assert c.image_fetch_allow == ()
+    monkeypatch.setenv("IMAGE_FETCH_ALLOW", "127.0.0.0/8,images.internal")
+    monkeypatch.setenv("MAX_IMAGE_FETCH_SIZE", "1000")
+    c = parse_config([])[0]
+    assert c.image_fetch_allow == ("127.0.0.0/8", "images.internal")
+    assert c.max_image_fetch_size == 1000
+    # The flag wins over the env var, as clap's `env` does.
+    assert parse_config(["--image-fetch-allow", "10.0.0.0/8"])[0].image_fetch_allow == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError, match="`max_images_per_request` must be > 0"):
+        parse_config(["--max-images-per-request", "0"])

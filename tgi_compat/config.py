@@ -9,10 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# ``--model-id embedded:<name>``: models built offline for tests and demos (module, builder).
+EMBEDDED_MODELS = {
+    "tiny": ("tgi_compat.tiny_model", "build_tiny_model"),
+    "tiny-vlm": ("tgi_compat.tiny_vlm", "build_tiny_vlm"),
+}
+
 
 @dataclass
 class Config:
-    model_id: str | None = None  # None: serve the embedded tiny model
+    model_id: str | None = None  # None: serve the embedded tiny model (`embedded:tiny`)
     revision: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -62,7 +68,12 @@ class Config:
     tokenizer_config_path: str | None = None
     print_env: bool = False  # --env
     usage_stats: str = "on"
+    # Images in prompts (multimodal models): TGI's router flag, then tgi-compat's own bounds.
     max_image_fetch_size: int = 1_073_741_824
+    image_fetch_timeout: float = 10.0
+    max_images_per_request: int = 8
+    max_image_pixels: int = 50_000_000
+    image_fetch_allow: tuple[str, ...] = ()
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, as given
     # AsyncEngineArgs fields set by TGI flags (those an explicit vLLM flag also set are left out).
     engine_overrides: dict[str, Any] = field(default_factory=dict)

@@ -155,6 +155,25 @@ def _objects_typed(schema):
     return schema
 
 
+def _takes_images(model_config) -> bool:
+    mm = model_config.multimodal_config
+    # `--limit-mm-per-prompt '{"image": 0}'` switches images off.
+    return mm is not None and mm.get_limit_per_prompt("image") > 0
+
+
+def _image_placeholder(model_config) -> str:
+    """The text that stands for one image in this model's prompts (vLLM's own, from the
+    model class: ``<image>`` for Idefics 3 and LLaVA, Qwen2-VL's vision pad, ...); empty
+    for models that place images themselves (PaliGemma prepends them)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    try:
+        return cls.get_placeholder_str("image", 1) or ""
+    except ValueError:
+        return ""
+
+
 def is_request_error(exc: BaseException) -> bool:
     """vLLM refused the request itself (e.g. a grammar it cannot compile), as opposed
     to failing while running it."""
@@ -187,14 +206,54 @@ class Engine:
             )
         )
         self.dtype = str(model_config.dtype)
+        # A model that takes images: `![](...)` in prompts become images (TGI's rule).
+        self.multimodal: bool = bool(model_config.is_multimodal_model) and _takes_images(model_config)
+        self.image_placeholder: str = _image_placeholder(model_config) if self.multimodal else ""
+        self.max_images: int = model_config.multimodal_config.get_limit_per_prompt("image") if self.multimodal else 0
         from vllm.lora.request import LoRARequest
 
         self.adapters = {
             name: LoRARequest(name, index, path) for index, (name, path) in enumerate((lora_paths or {}).items(), start=1)
         }
 
-    def generate(self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str) -> AsyncIterator:
-        """Delta ``RequestOutput``s; closing the iterator aborts the request in the engine."""
+    async def render_images(self, prompt_ids: list[int], images: list, truncate: int | None) -> tuple[list[int], Any]:
+        """(prompt ids with the image tokens, vLLM's processed multimodal prompt) for a
+        prompt whose ``image_placeholder``s stand for ``images`` (PIL), in order.
+
+        vLLM's own input processor expands each placeholder into the model's image tokens,
+        so the ids are exactly what the engine will see. ``truncate`` keeps the last
+        tokens, but never cuts into an image (``ValueError``). Raises ``ValueError`` for
+        a prompt the processor refuses (e.g. more images than the model accepts).
+        """
+        import time
+        from dataclasses import replace
+
+        prompt = {"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": images}}
+        try:
+            mm_input = await self.llm.renderer.process_for_engine_async(prompt, time.time())
+        except Exception as e:  # vLLM's processor refusing the prompt or an image
+            raise ValueError(str(e) or type(e).__name__) from e
+        ids = list(mm_input["prompt_token_ids"])
+        if truncate is not None and len(ids) > truncate:
+            start = len(ids) - truncate
+            spans = mm_input["mm_placeholders"]
+            if any(p.offset < start for ranges in spans.values() for p in ranges):
+                raise ValueError(
+                    f"`truncate` ({truncate}) would cut into an image: the prompt has {len(ids)} tokens with its images"
+                )
+            mm_input["mm_placeholders"] = {
+                m: [replace(p, offset=p.offset - start) for p in ranges] for m, ranges in spans.items()
+            }
+            ids = ids[start:]
+            mm_input["prompt_token_ids"] = ids
+        return ids, mm_input
+
+    def generate(
+        self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str, mm_input: Any = None
+    ) -> AsyncIterator:
+        """Delta ``RequestOutput``s; closing the iterator aborts the request in the engine.
+
+        ``mm_input``: a prompt from ``render_images`` (then ``prompt_ids`` are its ids)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -204,7 +263,9 @@ class Engine:
             sampling["structured_outputs"] = _structured_outputs(*structured)
         params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
         lora = self.adapters[adapter] if adapter is not None else None
-        return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora)
+        # A copy: vLLM stamps the prompt it is given, and best_of sends one prompt several times.
+        prompt = dict(mm_input) if mm_input is not None else {"prompt_token_ids": prompt_ids}
+        return self.llm.generate(prompt, params, request_id, lora_request=lora)
 
     async def abort(self, request_id: str | list[str]) -> None:
         await self.llm.abort(request_id)

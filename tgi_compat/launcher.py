@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tgi_compat import version_text
-from tgi_compat.config import Config, ConfigError
+from tgi_compat.config import EMBEDDED_MODELS, Config, ConfigError
 
 MAPPED, NO_EFFECT = "mapped", "no-effect"
 ENV = "ENV"  # marker: the env var is the flag's name in UPPER_SNAKE (clap's `env`)
@@ -353,8 +353,17 @@ FLAGS: tuple[Flag, ...] = (
          env_aliases=("SHUTDOWN_TIMEOUT",), default_text="30"),
     # --- TGI's router-only flags ---
     Flag("max-image-fetch-size", "Largest image a request may make the server fetch, in bytes.",
-         "`Config.max_image_fetch_size`, for image inputs (TGI's router flag, not the launcher's)", parse=usize, default=1_073_741_824, origin="router"),
+         "largest image body fetched (or data URI decoded) for image inputs (TGI's router flag, not the launcher's)", parse=usize, default=1_073_741_824, origin="router"),
     # --- ours ---
+    Flag("image-fetch-timeout", "", "seconds to fetch one image: DNS, connection, redirects, body", parse=real,
+         default=10.0, origin="ours"),
+    Flag("max-images-per-request", "", "most images in one prompt (also capped by the model's own limit)",
+         parse=usize, default=8, origin="ours"),
+    Flag("max-image-pixels", "", "largest image in pixels (width x height), checked before decoding",
+         parse=usize, default=50_000_000, origin="ours"),
+    Flag("image-fetch-allow", "", "host name or CIDR network images may be fetched from although not public "
+         "(loopback, private, link-local); repeatable, the env var comma-separated; default public addresses only",
+         kind="append", default=(), origin="ours"),
     Flag("keep-alive-seconds", "", "SSE `:` comment after this much silence", parse=real, default=15.0, origin="ours"),
     Flag("http-keep-alive-timeout", "", "seconds an idle keep-alive connection stays open; longer than clients' "
          "own pool timeouts, so a client never reuses a connection the server is closing", parse=real,
@@ -547,6 +556,14 @@ def _check_tgi_rules(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise ConfigError("`validation_workers` must be > 0")
     if values["max_concurrent_requests"] == 0:
         raise ConfigError("`max_concurrent_requests` must be > 0")
+    for name in ("max_image_fetch_size", "image_fetch_timeout", "max_images_per_request", "max_image_pixels"):
+        if values[name] <= 0:
+            raise ConfigError(f"`{name}` must be > 0")
+    model_id = values["model_id"]
+    if model_id and model_id.startswith("embedded:") and model_id.removeprefix("embedded:") not in EMBEDDED_MODELS:
+        raise ConfigError(
+            f"unknown embedded model `{model_id.removeprefix('embedded:')}`; embedded models: {', '.join(EMBEDDED_MODELS)}"
+        )
     budget = values["max_batch_total_tokens"]
     if budget is not None and max_total is not None and max_total > budget:
         raise ConfigError(

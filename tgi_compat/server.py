@@ -40,12 +40,20 @@ ROUTER_NAME = "text-generation-router"
 
 
 def resolve_model(config: Config) -> str:
-    if config.model_id:
-        return config.model_id
-    from tgi_compat.tiny_model import build_tiny_model
+    """The path or hub id vLLM loads: ``--model-id`` as given, or an embedded model built
+    on first use (no ``--model-id``: ``embedded:tiny``)."""
+    model_id = config.model_id or "embedded:tiny"
+    if not model_id.startswith("embedded:"):
+        return model_id
+    import importlib
 
-    path = str(build_tiny_model())
-    logger.info("no --model-id given: serving the embedded tiny model at %s", path)
+    from tgi_compat.config import EMBEDDED_MODELS
+
+    name = model_id.removeprefix("embedded:")
+
+    module, builder = EMBEDDED_MODELS[name]
+    path = str(getattr(importlib.import_module(module), builder)())
+    logger.info("serving the embedded model %s at %s", model_id, path)
     return path
 
 
@@ -132,8 +140,21 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
             from tgi_compat.tracing import Tracer
 
             tracer = Tracer(config.otlp_endpoint, config.otlp_service_name)
+        images = None
+        if getattr(engine, "multimodal", False):
+            from tgi_compat.images import FetchPolicy, ImageFetcher
+
+            images = ImageFetcher(FetchPolicy.with_allow(
+                config.image_fetch_allow,
+                max_fetch_size=config.max_image_fetch_size,
+                timeout=config.image_fetch_timeout,
+                # vLLM refuses more than its own per-prompt limit anyway
+                max_images=min(config.max_images_per_request, engine.max_images),
+                max_pixels=config.max_image_pixels,
+            ))
         app.state.tgi = TGIServing(
-            engine, limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer
+            engine, limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer,
+            images=images,
         )
         lifecycle.start(engine)
         model_id = config.model_id or engine.engine_args.model
@@ -181,6 +202,8 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
             if metrics_listener is not None:
                 metrics_listener.close()
             await lifecycle.stop()
+            if images is not None:
+                await images.aclose()
             if tracer is not None:
                 tracer.shutdown()
             if owned:
@@ -262,8 +285,10 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
     async def tokenize(request: Request) -> Response:
         await auth(request)
         req = await parse_json_body(request, GenerateRequest)
-        tokens = request.app.state.engine.tokenizer.offsets(req.inputs)
-        body = [{"id": i, "text": t, "start": s, "stop": e} for i, t, s, e in tokens]
+        try:
+            body = await request.app.state.tgi.tokenize(req.inputs)
+        except TGIError as e:
+            return e.response()
         return Response(orjson.dumps(body), media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["Text Generation Inference"])

@@ -141,17 +141,15 @@ def _build_weights(out: Path) -> None:
     )
 
 
-def build_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Return the path of the tiny model, building it on first use (atomic rename)."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"tiny-llama-{_key()}"
+def build_cached(target: Path, build) -> Path:
+    """``target``, made by ``build(tmp_dir)`` on first use and renamed into place
+    atomically (a concurrent builder's identical copy wins ties)."""
     if (target / "config.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        _build_tokenizer(tmp)
-        _build_weights(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
@@ -160,6 +158,17 @@ def build_tiny_model(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_tiny_model(cache_dir: Path | None = None) -> Path:
+    """Return the path of the tiny model, building it on first use (atomic rename)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    def build(out: Path) -> None:
+        _build_tokenizer(out)
+        _build_weights(out)
+
+    return build_cached(root / f"tiny-llama-{_key()}", build)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def build_router(auth) -> APIRouter:
     async def chat_tokenize(request: Request) -> Response:
         chat = await parse_json_body(request, ChatRequest)
         try:
-            return serving(request).chat_tokenize(chat)
+            return await serving(request).chat_tokenize(chat)
         except TGIError as e:
             return e.response()
 

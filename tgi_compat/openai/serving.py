@@ -260,14 +260,11 @@ class OpenAIServing:
 
     # --- /chat_tokenize ---
 
-    def chat_tokenize(self, chat: ChatRequest) -> Response:
+    async def chat_tokenize(self, chat: ChatRequest) -> Response:
+        """The templated prompt and its tokens (with a VLM, its images' tokens too)."""
         gen_req, _ = self.chat_request(chat)
         text = gen_req.inputs
-        tokens = self.tgi.engine.tokenizer.offsets(text, add_special_tokens=False)
-        body = {
-            "tokenize_response": [{"id": i, "text": t, "start": s, "stop": e} for i, t, s, e in tokens],
-            "templated_text": text,
-        }
+        body = {"tokenize_response": await self.tgi.tokenize(text, add_special_tokens=False), "templated_text": text}
         return Response(_dumps(body), media_type="application/json")
 
 

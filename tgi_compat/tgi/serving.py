@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from tgi_compat.admission import ConcurrencyLimiter, Permit
 from tgi_compat.engine import Engine, is_request_error
+from tgi_compat.images import ImageChunk, ImageFetcher, split_markdown
 from tgi_compat.errors import (
     GenerationError,
     IncompleteGenerationError,
@@ -43,6 +44,7 @@ from tgi_compat.tgi.validation import (
     Limits,
     ValidRequest,
     check_best_of,
+    check_parameters,
     check_stream,
     sampling_kwargs,
     validate,
@@ -220,6 +222,7 @@ class TGIServing:
         metrics: TGIMetrics,
         keep_alive: float = 15.0,
         tracer=None,
+        images: ImageFetcher | None = None,
     ):
         self.engine = engine
         self.limiter = limiter
@@ -229,10 +232,12 @@ class TGIServing:
         self.keep_alive = keep_alive
         self.tracer = tracer
         self.compute_type = compute_type()
+        # Set when the model takes images: `![](...)` in inputs are fetched with it.
+        self.images = images if getattr(engine, "multimodal", False) else None
 
     # --- admission and validation (TGI's order, §2.1) ---
 
-    def _admit(
+    async def _admit(
         self, req: GenerateRequest, r: RequestContext, *, stream: bool, add_special_tokens: bool = True
     ) -> tuple[Permit, ValidRequest]:
         params = req.parameters
@@ -245,9 +250,7 @@ class TGIServing:
         best_of = 1 if stream else check_best_of(params, self.limits)
         permit = self.limiter.try_acquire(best_of)
         try:
-            tok = self.engine.tokenizer
-            tokenize = tok.encode if add_special_tokens else tok.encode_no_special
-            valid = validate(req.inputs, params, self.limits, tokenize)
+            valid = await self._validate(req.inputs, params, add_special_tokens)
         except BaseException:
             permit.release()
             raise
@@ -256,6 +259,46 @@ class TGIServing:
         r.input_length = valid.input_length
         r.enqueued = time.monotonic()
         return permit, valid
+
+    async def _validate(self, inputs: str, params: GenerateParameters, add_special_tokens: bool) -> ValidRequest:
+        tok = self.engine.tokenizer
+        tokenize = tok.encode if add_special_tokens else tok.encode_no_special
+        chunks = split_markdown(inputs) if self.images is not None else None
+        if not chunks or all(isinstance(c, str) for c in chunks):
+            return validate(inputs, params, self.limits, tokenize)
+        check_parameters(inputs, params, self.limits)  # TGI's order: these fail before any fetch
+        prepared = await self.prepare_images(chunks, tokenize, params.truncate)
+        return validate(inputs, params, self.limits, None, prepared)
+
+    async def prepare_images(self, chunks: list, tokenize, truncate: int | None) -> tuple[list[int], Any]:
+        """TGI's ``prepare_input`` for a multimodal model: the images fetched (all at
+        once), the text tokenized with the model's placeholder for each image, and vLLM's
+        processor run on both, so the ids count the image tokens as the engine does."""
+        images = await self.images.load_all([c.url for c in chunks if isinstance(c, ImageChunk)])
+        placeholder = self.engine.image_placeholder
+        text = "".join(c if isinstance(c, str) else placeholder for c in chunks)
+        try:
+            ids = tokenize(text)
+        except Exception as e:
+            raise ValidationError(f"tokenizer error {e}") from e
+        try:
+            return await self.engine.render_images(ids, images, truncate)
+        except ValueError as e:
+            raise ValidationError(str(e)) from e
+
+    async def tokenize(self, inputs: str, add_special_tokens: bool = True) -> list[dict]:
+        """/tokenize: ``[{"id", "text", "start", "stop"}]`` with byte offsets into ``inputs``.
+
+        With images (multimodal model), the ids are the engine's, image tokens included;
+        each image's tokens carry the span of its ``![](...)`` markdown.
+        """
+        tok = self.engine.tokenizer
+        chunks = split_markdown(inputs) if self.images is not None else None
+        if not chunks or all(isinstance(c, str) for c in chunks):
+            return [{"id": i, "text": t, "start": s, "stop": e} for i, t, s, e in tok.offsets(inputs, add_special_tokens)]
+        tokenize = tok.encode if add_special_tokens else tok.encode_no_special
+        ids, mm_input = await self.prepare_images(chunks, tokenize, None)
+        return _image_token_offsets(inputs, chunks, self.engine.image_placeholder, tok, ids, mm_input, add_special_tokens)
 
     # --- outcomes: one log line and the metrics per finished request ---
 
@@ -299,7 +342,7 @@ class TGIServing:
         """
         self.metrics.request_count.inc()
         try:
-            permit, valid = self._admit(req, r, stream=False, add_special_tokens=add_special_tokens)
+            permit, valid = await self._admit(req, r, stream=False, add_special_tokens=add_special_tokens)
             with permit:
                 if valid.best_of > 1:
                     gen = await self._best_of(valid, r)
@@ -402,7 +445,8 @@ class TGIServing:
         life = self.lifecycle
         try:
             outputs = self.engine.generate(
-                gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=token_logprobs), request_id
+                gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=token_logprobs), request_id,
+                gen.valid.mm_input,
             )
         except Exception as e:  # vLLM refused the sampling parameters outright
             raise ValidationError(str(e) or type(e).__name__) from e
@@ -455,7 +499,7 @@ class TGIServing:
         """
         self.metrics.request_count.inc()
         try:
-            permit, valid = self._admit(req, r, stream=True, add_special_tokens=add_special_tokens)
+            permit, valid = await self._admit(req, r, stream=True, add_special_tokens=add_special_tokens)
         except TGIError as e:
             self._failed_with(r, e)
             yield fmt.error(e)
@@ -592,6 +636,56 @@ async def all_or_nothing(coros: list) -> list:
                 t.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _image_token_offsets(inputs, chunks, placeholder, tok, ids, mm_input, add_special_tokens) -> list[dict]:
+    """Tokens of an image prompt with byte offsets into the original ``inputs``.
+
+    The placeholder prompt's tokens map back to ``inputs`` through its chunks; each
+    image's span of engine tokens (vLLM's placeholder ranges) replaced one placeholder
+    token and takes the bytes of its markdown."""
+    text_parts, spans = [], []  # spans: (start in placeholder text, end, start in inputs, end, is image)
+    pos = orig = 0
+    for c in chunks:
+        piece = c if isinstance(c, str) else placeholder
+        length_in_inputs = len(c) if isinstance(c, str) else c.end - c.start
+        spans.append((pos, pos + len(piece), orig, orig + length_in_inputs, not isinstance(c, str)))
+        text_parts.append(piece)
+        pos += len(piece)
+        orig += length_in_inputs
+    text = "".join(text_parts)
+    enc = tok.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    byte_pos = [0]
+    for ch in inputs:
+        byte_pos.append(byte_pos[-1] + len(ch.encode("utf-8")))
+
+    def to_inputs(start: int, stop: int) -> tuple[int, int]:
+        for s0, s1, o0, o1, is_image in spans:
+            if s0 <= start < s1 or (start == stop == s1):
+                if is_image:
+                    return byte_pos[o0], byte_pos[o1]
+                return byte_pos[o0 + start - s0], byte_pos[min(o0 + stop - s0, o1)]
+        return byte_pos[-1], byte_pos[-1]
+
+    pre = [to_inputs(a, b) for a, b in enc.offset_mapping]
+    ranges = sorted((p.offset, p.length) for rs in mm_input["mm_placeholders"].values() for p in rs)
+    image_spans = [c for c in chunks if isinstance(c, ImageChunk)]
+    out, i, j = [], 0, 0  # i: engine token, j: placeholder-prompt token
+    for k, (offset, length) in enumerate(ranges):
+        while i < offset and j < len(pre):
+            out.append((ids[i], *pre[j]))
+            i += 1
+            j += 1
+        c = image_spans[k] if k < len(image_spans) else None
+        span = (byte_pos[c.start], byte_pos[c.end]) if c is not None else pre[min(j, len(pre) - 1)]
+        out.extend((ids[i + n], *span) for n in range(length))
+        i += length
+        j += 1  # the placeholder token this image replaced
+    while i < len(ids):
+        out.append((ids[i], *(pre[j] if j < len(pre) else (byte_pos[-1], byte_pos[-1]))))
+        i += 1
+        j += 1
+    return [{"id": tid, "text": tok.token_text(tid), "start": a, "stop": b} for tid, a, b in out]
 
 
 def _kv(fields: dict) -> str:

@@ -63,6 +63,8 @@ class ValidRequest:
     watermark: bool = False
     adapter_id: str | None = None
     best_of: int = 1
+    # vLLM's processed multimodal prompt (images in it; ``input_ids`` are its token ids)
+    mm_input: Any = None
 
 
 def check_stream(params: GenerateParameters) -> None:
@@ -94,12 +96,9 @@ def sampling_requested(p: GenerateParameters) -> bool:
     )
 
 
-def validate(
-    inputs: str,
-    p: GenerateParameters,
-    limits: Limits,
-    tokenize: Callable[[str], list[int]],
-) -> ValidRequest:
+def check_parameters(inputs: str, p: GenerateParameters, limits: Limits) -> dict[str, Any]:
+    """TGI's checks that come before tokenization (and image fetching); the values they
+    settle, by ``ValidRequest`` field name."""
     best_of = p.best_of or 1
     if best_of > 1 and not sampling_requested(p):
         raise ValidationError("you must use sampling when `best_of` is > 1")
@@ -134,12 +133,8 @@ def validate(
         raise ValidationError(
             f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
         )
-    if p.seed is None:
-        seed = random.getrandbits(64)
-    else:
-        if best_of > 1:
-            raise ValidationError("`seed` must not be set when `best_of` > 1")
-        seed = p.seed
+    if p.seed is not None and best_of > 1:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
     top_n_tokens = 0
     if p.top_n_tokens is not None:
         if p.top_n_tokens > limits.max_top_n_tokens:
@@ -154,12 +149,35 @@ def validate(
             f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
         )
 
-    try:
-        ids = tokenize(inputs)
-    except Exception as e:  # a tokenizer can fail on odd input; TGI reports it as validation
-        raise ValidationError(f"tokenizer error {e}") from e
-    if p.truncate is not None and len(ids) > p.truncate:
-        ids = ids[-p.truncate :]
+    return {
+        "temperature": temperature, "repetition_penalty": repetition_penalty,
+        "frequency_penalty": frequency_penalty, "top_p": top_p, "typical_p": typical_p,
+        "top_k": top_k, "top_n_tokens": top_n_tokens, "best_of": best_of,
+    }
+
+
+def validate(
+    inputs: str,
+    p: GenerateParameters,
+    limits: Limits,
+    tokenize: Callable[[str], list[int]] | None,
+    prepared: tuple[list[int], Any] | None = None,
+) -> ValidRequest:
+    """``prepared``: (prompt ids, engine multimodal input) already built from images
+    (and truncated) by the caller; ``tokenize`` is then not called."""
+    c = check_parameters(inputs, p, limits)
+    best_of, temperature, top_k, top_p, typical_p = c["best_of"], c["temperature"], c["top_k"], c["top_p"], c["typical_p"]
+    seed = random.getrandbits(64) if p.seed is None else p.seed
+    mm_input = None
+    if prepared is not None:
+        ids, mm_input = prepared
+    else:
+        try:
+            ids = tokenize(inputs)
+        except Exception as e:  # a tokenizer can fail on odd input; TGI reports it as validation
+            raise ValidationError(f"tokenizer error {e}") from e
+        if p.truncate is not None and len(ids) > p.truncate:
+            ids = ids[-p.truncate :]
     input_length = len(ids)
 
     remaining = max(limits.max_total_tokens - input_length, 0)
@@ -202,11 +220,11 @@ def validate(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        frequency_penalty=frequency_penalty,
+        repetition_penalty=c["repetition_penalty"],
+        frequency_penalty=c["frequency_penalty"],
         seed=seed,
         stop=tuple(p.stop),
-        top_n_tokens=top_n_tokens,
+        top_n_tokens=c["top_n_tokens"],
         details=p.details or p.decoder_input_details,
         decoder_input_details=p.decoder_input_details,
         grammar=grammar,
@@ -214,6 +232,7 @@ def validate(
         watermark=p.watermark,
         adapter_id=p.adapter_id,
         best_of=best_of,
+        mm_input=mm_input,
     )
 
 
