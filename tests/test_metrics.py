@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -49,6 +50,38 @@ def test_exposition_format():
     assert "tgi_request_duration_count 1" in lines
     assert 'tgi_request_input_length_bucket{le="10"} 1' in lines  # 1000/100 * 1
     assert "tgi_request_mean_time_per_token_duration_sum 0.05" in lines
+
+
+def _sched(waiting: int, running: int, usage: float):
+    return SimpleNamespace(num_waiting_reqs=waiting, num_running_reqs=running, kv_cache_usage=usage)
+
+
+def _iteration(prompt_tokens: int, first_tokens: int):
+    return SimpleNamespace(num_prompt_tokens=prompt_tokens, time_to_first_tokens_iter=[0.01] * first_tokens)
+
+
+def test_data_parallel_engines_are_summed_once_and_reported_each():
+    m = TGIMetrics(max_input_tokens=100, max_total_tokens=200)
+    m.set_engines(2, kv_capacity_tokens=2000)  # vLLM sums both engines' KV blocks
+    text = (m.render() + m.render_engines()).decode()
+    assert "tgi_batch_max_total_tokens 2000" in text
+    assert 'tgi_compat_engine_queue_size{engine="1"} 0' in text  # listed before any step
+    m.engine_step(_sched(3, 5, 0.25), _iteration(10, 2), engine=0)
+    m.engine_step(_sched(1, 7, 0.5), _iteration(0, 0), engine=1)
+    m.engine_step(_sched(2, 5, 0.25), None, engine=0)  # engine 0 again: replaces its own values
+    lines = (m.render() + m.render_engines()).decode().splitlines()
+    assert "tgi_queue_size 3" in lines and "tgi_batch_current_size 12" in lines
+    assert "tgi_batch_current_max_tokens 750" in lines  # (0.25 + 0.5) * 1000 per engine
+    assert 'tgi_batch_inference_count{method="prefill"} 1' in lines
+    assert 'tgi_batch_inference_count{method="decode"} 1' in lines
+    assert "tgi_batch_next_size_count 1" in lines
+    assert 'tgi_compat_engine_queue_size{engine="0"} 2' in lines and 'tgi_compat_engine_queue_size{engine="1"} 1' in lines
+    assert 'tgi_compat_engine_batch_size{engine="1"} 7' in lines
+    assert 'tgi_compat_engine_kv_cache_usage{engine="1"} 0.5' in lines
+    assert "# TYPE tgi_compat_engine_kv_cache_usage gauge" in lines
+    # Step durations are measured per engine: another engine's step in between is not one.
+    m.engine_step(None, _iteration(0, 0), engine=1)
+    assert m.batch_inference_duration.count("decode") == 1
 
 
 def _series(text: str, name: str) -> dict[str, float]:

@@ -82,7 +82,8 @@ def _on_cpu() -> bool:
 
 
 def _step_logger_factory(engine: Engine):
-    """A vLLM stat logger that hands each engine step's statistics to ``engine.on_step``.
+    """A vLLM stat logger that hands each engine step's statistics to ``engine.on_step``,
+    with the index of the engine (data-parallel rank) that ran the step.
 
     vLLM keeps its own loggers (and its Prometheus metrics) beside this one.
     """
@@ -91,11 +92,13 @@ def _step_logger_factory(engine: Engine):
     class StepLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
             self.engine = engine
+            # vLLM makes one of these per engine (data parallel: one per DP rank).
+            self.engine_index = engine_index
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
             callback = self.engine.on_step
             if callback is not None:
-                callback(scheduler_stats, iteration_stats)
+                callback(scheduler_stats, iteration_stats, self.engine_index)
 
         def log_engine_initialized(self):
             pass
@@ -143,12 +146,15 @@ class Engine:
         from vllm import AsyncLLMEngine
 
         self.engine_args = engine_args
-        # Called once per engine step with vLLM's (scheduler_stats, iteration_stats).
+        # Called once per engine step with vLLM's (scheduler_stats, iteration_stats, engine index).
         self.on_step = None
         self.llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[_step_logger_factory(self)])
         model_config = self.llm.model_config
         self.max_model_len: int = model_config.max_model_len
         cache = self.llm.vllm_config.cache_config
+        # Data parallel: engines on this node and on others (headless), one scheduler each.
+        self.num_engines: int = self.llm.vllm_config.parallel_config.data_parallel_size
+        # vLLM sums the KV blocks of every engine (local and remote) at start-up.
         self.kv_capacity_tokens: int = (cache.num_gpu_blocks or 0) * cache.block_size
         self.tokenizer = Tokenizer(
             AutoTokenizer.from_pretrained(

@@ -114,8 +114,8 @@ def create_app(config: Config, engine=None) -> FastAPI:
         app.state.engine = engine
         app.state.limiter = limiter
         metrics = TGIMetrics(max_input, max_total)
-        metrics.batch_max_total_tokens.set(engine.kv_capacity_tokens)
-        engine.on_step = lambda sched, it: metrics.engine_step(sched, it, engine.kv_capacity_tokens)
+        metrics.set_engines(getattr(engine, "num_engines", 1), engine.kv_capacity_tokens)
+        engine.on_step = metrics.engine_step
         app.state.metrics = metrics
         tracer = None
         if config.otlp_endpoint:
@@ -259,7 +259,7 @@ def create_app(config: Config, engine=None) -> FastAPI:
             "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
             "# TYPE tgi_compat_engine_requests gauge\n"
             f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
-        ).encode()
+        ).encode() + state.metrics.render_engines()
         # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
         return Response(tgi + b"\n" + own + generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")
 
