@@ -153,6 +153,22 @@ def main_server(otlp_collector):
 
 
 @pytest.fixture(scope="session")
+def lora_server(tmp_path_factory):
+    """A second server with the tiny LoRA adapter loaded as `tiny-lora` (shared by the
+    adapter tests and the gateway-metrics test)."""
+    from tgi_compat.tiny_lora import build_tiny_lora
+    from tgi_compat.tiny_model import build_tiny_model
+
+    adapter = build_tiny_lora(build_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
+    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}"], log_name="lora")
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def server_url(main_server):
     return main_server.url
 

@@ -4,6 +4,7 @@ and a real Prometheus scraping the server and answering the Grafana dashboard's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
@@ -122,16 +123,17 @@ def test_request_id_is_echoed_or_made(http):
 # --- a real Prometheus -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prometheus(server_url):
+@contextlib.contextmanager
+def running_prometheus(jobs: dict[str, str]):
+    """Debian's Prometheus scraping each job's target (``host:port``) every second."""
     binary = shutil.which("prometheus")
     assert binary, "Debian's prometheus package is missing: `make test` installs it (apt-get install prometheus)"
-    target = server_url.removeprefix("http://")
     tmp = Path(tempfile.mkdtemp(prefix="prom-"))
-    (tmp / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: tgi\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
+    scrape = "".join(
+        f"  - job_name: {job}\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
+        for job, target in jobs.items()
     )
+    (tmp / "prometheus.yml").write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape}")
     port = free_port()
     proc = subprocess.Popen(
         [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
@@ -148,6 +150,12 @@ def prometheus(server_url):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def prometheus(server_url):
+    with running_prometheus({"tgi": server_url.removeprefix("http://")}) as url:
+        yield url
+
+
 def _query(prom: str, expr: str) -> list[dict]:
     r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
     assert r["status"] == "success", r
@@ -159,11 +167,12 @@ def _scalar(prom: str, expr: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def _wait_scrapes(prom: str, n: int = 2) -> None:
-    """Wait until Prometheus has scraped the target n more times."""
-    start = _scalar(prom, 'count_over_time(up{job="tgi"}[10m])')
+def _wait_scrapes(prom: str, n: int = 2, job: str = "tgi") -> None:
+    """Wait until Prometheus has scraped the job's target n more times."""
+    expr = f'count_over_time(up{{job="{job}"}}[10m])'
+    start = _scalar(prom, expr)
     deadline = time.monotonic() + 30
-    while _scalar(prom, 'count_over_time(up{job="tgi"}[10m])') < start + n and time.monotonic() < deadline:
+    while _scalar(prom, expr) < start + n and time.monotonic() < deadline:
         time.sleep(0.25)
 
 
@@ -197,3 +206,48 @@ def test_prometheus_scrapes_and_dashboard_queries_work(prometheus, server_url, h
     assert _scalar(prometheus, "sum(tgi_request_generated_tokens_sum)") > 0
     assert _query(prometheus, "sum by (method) (rate(tgi_batch_inference_count[1m]))")
     assert _scalar(prometheus, "vllm:num_requests_running") >= 0
+
+
+# --- what inference gateways scrape ------------------------------------------------------
+# Gateway API Inference Extension's endpoint picker (and llm-d's scheduler, built on it)
+# reads these by default: --total-queued-requests-metric, --total-running-requests-metric,
+# --kv-cache-usage-percentage-metric, --lora-info-metric, --cache-info-metric. vLLM emits
+# vllm:lora_requests_info only when LoRA is on, as here (`--lora-adapters`).
+
+
+@pytest.fixture(scope="module")
+def gateway_prometheus(server_url, lora_server):
+    jobs = {"tgi": server_url.removeprefix("http://"), "lora": lora_server.removeprefix("http://")}
+    with running_prometheus(jobs) as url:
+        yield url
+
+
+def test_gateway_metrics_through_prometheus(gateway_prometheus, server_url, lora_server):
+    prom = gateway_prometheus
+    with httpx.Client(timeout=120) as c:
+        r = c.post(f"{lora_server}/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 4, "adapter_id": "tiny-lora"}})
+        assert r.status_code == 200
+        assert c.post(f"{server_url}/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 4}}).status_code == 200
+    _wait_scrapes(prom, 2, "tgi")
+    _wait_scrapes(prom, 2, "lora")
+    for job in ("tgi", "lora"):
+        for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+            result = _query(prom, f'{name}{{job="{job}"}}')
+            assert result, (job, name)
+            value = float(result[0]["value"][1])
+            assert value >= 0 and (name != "vllm:kv_cache_usage_perc" or value <= 1), (job, name, value)
+        # The picker reads block_size and num_gpu_blocks from the labels, as integers.
+        (info,) = _query(prom, f'vllm:cache_config_info{{job="{job}"}}')
+        labels = info["metric"]
+        assert int(labels["block_size"]) > 0 and int(labels["num_gpu_blocks"]) > 0, labels
+        assert float(info["value"][1]) == 1
+        # Our own capacity series agrees with vLLM's.
+        assert _scalar(prom, f'tgi_batch_max_total_tokens{{job="{job}"}}') == int(labels["block_size"]) * int(labels["num_gpu_blocks"])
+    # LoRA: max_lora, running and waiting adapters as labels, the value a timestamp (the
+    # picker takes the newest series); the adapter that just ran is named in one.
+    series = _query(prom, 'vllm:lora_requests_info{job="lora"}')
+    assert series
+    assert {s["metric"]["max_lora"] for s in series} == {"2"}  # one adapter + vLLM's empty slot
+    # (Prometheus drops empty labels: an idle engine's series has no adapter labels.)
+    assert any(s["metric"].get("running_lora_adapters") == "tiny-lora" for s in series), series
+    assert all(float(s["value"][1]) > 1.6e9 for s in series)
