@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_help()
         return 0
     log_config = setup_logging(config.log_level, config.json_output)
+    from tgi_compat.headless import FLAG as HEADLESS
+
+    if HEADLESS in config.engine_flags:  # engines only, for a front end on another node
+        from tgi_compat.headless import run_headless
+
+        return run_headless(config)
     from tgi_compat.server import run
 
     try:

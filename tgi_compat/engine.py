@@ -8,6 +8,7 @@ between releases.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -148,6 +149,7 @@ class Engine:
         self.engine_args = engine_args
         # Called once per engine step with vLLM's (scheduler_stats, iteration_stats, engine index).
         self.on_step = None
+        self._closing = False
         self.llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[_step_logger_factory(self)])
         model_config = self.llm.model_config
         self.max_model_len: int = model_config.max_model_len
@@ -190,6 +192,40 @@ class Engine:
     def errored(self) -> bool:
         return self.llm.errored
 
+    @property
+    def remote_engines(self) -> int:
+        """Data-parallel engines on other nodes (headless), connected to this front end."""
+        parallel = self.llm.vllm_config.parallel_config
+        return parallel.data_parallel_size - parallel.data_parallel_size_local
+
+    async def watch_remote_engines(self) -> None:
+        """Treat a headless engine that went away as a dead engine.
+
+        vLLM watches the engine processes it started itself (their death fails every
+        request and marks the engine errored) but not engines on other nodes: a request
+        on a killed headless engine would wait forever. Every engine holds a connection
+        to the front end's request socket; when one closes while we are not shutting
+        down, this does what vLLM does for a local engine's death: mark the engines dead
+        and shut the client down, which ends every request with an error.
+        """
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        core = self.llm.engine_core
+        monitor = core.resources.input_socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if self._closing or self.llm.errored:
+                    return
+                logger.error("a data-parallel engine disconnected (%s): treating it as dead", event["endpoint"])
+                core.resources.engine_dead = True
+                # Blocking (it stops this node's engines too): off the event loop.
+                await asyncio.to_thread(core.shutdown)
+                return
+        finally:
+            monitor.close(linger=0)
+
     async def check_health(self) -> None:
         await self.llm.check_health()
 
@@ -197,4 +233,5 @@ class Engine:
         return self.llm.get_num_unfinished_requests()
 
     def shutdown(self, timeout: float = 30.0) -> None:
+        self._closing = True
         self.llm.shutdown(timeout=timeout)

@@ -46,6 +46,23 @@ def resolve_model(config: Config) -> str:
     return path
 
 
+def config_engine_args(config: Config, engine_flags: list[str] | None = None):
+    """(vLLM ``AsyncEngineArgs``, LoRA paths) for the configuration: one set-up for the
+    front end's engines and for headless ones on other nodes."""
+    from tgi_compat.adapters import parse_lora_adapters, resolve
+    from tgi_compat.engine import build_engine_args
+
+    model = resolve_model(config)
+    # The engine's processes read the watermark settings from the environment.
+    if config.watermark_gamma is not None:
+        os.environ["WATERMARK_GAMMA"] = str(config.watermark_gamma)
+    if config.watermark_delta is not None:
+        os.environ["WATERMARK_DELTA"] = str(config.watermark_delta)
+    lora_paths = {a.id: resolve(a) for a in parse_lora_adapters(config.lora_adapters)}
+    flags = config.engine_flags if engine_flags is None else engine_flags
+    return build_engine_args(model, config.tgi_engine_flags(), flags, lora_paths), lora_paths
+
+
 def resolve_limits(config: Config, max_model_len: int) -> tuple[int, int]:
     """(max_input_tokens, max_total_tokens), defaulted from and checked against the engine."""
     total = config.max_total_tokens or max_model_len
@@ -86,20 +103,9 @@ def create_app(config: Config, engine=None) -> FastAPI:
         nonlocal engine
         owned = engine is None
         if engine is None:
-            from tgi_compat.engine import Engine, build_engine_args
+            from tgi_compat.engine import Engine
 
-            from tgi_compat.adapters import parse_lora_adapters, resolve
-
-            model = resolve_model(config)
-            # The engine's processes read the watermark settings from the environment.
-            if config.watermark_gamma is not None:
-                os.environ["WATERMARK_GAMMA"] = str(config.watermark_gamma)
-            if config.watermark_delta is not None:
-                os.environ["WATERMARK_DELTA"] = str(config.watermark_delta)
-            lora_paths = {a.id: resolve(a) for a in parse_lora_adapters(config.lora_adapters)}
-            engine = Engine(
-                build_engine_args(model, config.tgi_engine_flags(), config.engine_flags, lora_paths), lora_paths
-            )
+            engine = Engine(*config_engine_args(config))
         max_input, max_total = resolve_limits(config, engine.max_model_len)
         limits = Limits(
             max_best_of=config.max_best_of,
