@@ -18,6 +18,8 @@ import socket
 import struct
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -25,6 +27,9 @@ import pytest
 
 from tests.conftest import ROOT, ServerProcess, free_port, wait_idle
 from tests.test_lifecycle import StreamReader, wait_for
+
+# Two engines start in about two minutes here (each compiles the model on one core).
+pytestmark = pytest.mark.timeout(600)
 
 MAX_TOTAL = "8192"
 CAP = 8
@@ -150,33 +155,42 @@ def _open_raw_stream(port: int, body: dict) -> socket.socket:
 
 def test_gauges_admission_and_disconnects_across_engines(dp_server):
     url = dp_server.url
-    socks = [_open_raw_stream(dp_server.port, LONG) for _ in range(CAP)]
+    with ThreadPoolExecutor(CAP) as pool:  # at once, as concurrent clients arrive
+        socks = list(pool.map(lambda _: _open_raw_stream(dp_server.port, LONG), range(CAP)))
+    # Both engines spin on this 2-core host and starve the front end: pause every engine
+    # and worker process so /metrics answers, with the gauges of the engines' last steps.
+    time.sleep(0.5)
+    engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
+    for p in engine_procs:
+        p.suspend()
     try:
-        # Per-engine gauges while both engines run requests; TGI's gauges are their sum.
-        seen = []
-
-        def both_busy():
-            text = httpx.get(url + "/metrics", timeout=30).text
-            running = per_engine(text, "tgi_compat_engine_batch_size")
-            usage = per_engine(text, "tgi_compat_engine_kv_cache_usage")
-            seen.append((running, usage, plain(text, "tgi_batch_current_size"), plain(text, "tgi_batch_current_max_tokens")))
-            return (min(running.values()) > 0 and min(usage.values()) > 0
-                    and plain(text, "tgi_batch_current_size") == sum(running.values())
-                    and plain(text, "tgi_batch_current_max_tokens") > 0)
-
-        assert wait_for(both_busy, timeout=30, interval=0.2), seen[-3:]
+        text = httpx.get(url + "/metrics", timeout=60).text
+        running = per_engine(text, "tgi_compat_engine_batch_size")
+        usage = per_engine(text, "tgi_compat_engine_kv_cache_usage")
+        queued = per_engine(text, "tgi_compat_engine_queue_size")
+        # Both engines run requests; TGI's gauges are their sums; vLLM's agree per engine.
+        assert min(running.values()) > 0 and min(usage.values()) > 0, (running, usage)
+        assert sum(running.values()) + sum(queued.values()) == CAP
+        assert plain(text, "tgi_batch_current_size") == sum(running.values())
+        assert plain(text, "tgi_queue_size") == sum(queued.values())
+        assert per_engine(text, "vllm:num_requests_running") == running
+        assert per_engine(text, "vllm:kv_cache_usage_perc") == usage
+        capacity = plain(text, "tgi_batch_max_total_tokens") / 2
+        assert plain(text, "tgi_batch_current_max_tokens") == round(sum(usage.values()) * capacity)
         # Admission: the cap counts generations on every engine.
-        r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
+        r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=60)
         assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
     finally:
+        for p in engine_procs:
+            p.resume()
         for sock in socks:  # the clients vanish mid-stream
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
-    with httpx.Client(base_url=url, timeout=30) as c:
+    with httpx.Client(base_url=url, timeout=60) as c:
         # Each request is aborted in whichever engine ran it.
         assert wait_idle(c, timeout=60) == (0, 0)
-        assert wait_for(lambda: per_engine(c.get("/metrics").text, "vllm:num_requests_running") == {"0": 0, "1": 0}, timeout=10)
-        assert plain(c.get("/metrics").text, "tgi_request_failure{err=\"dropped\"}") >= CAP
+        assert wait_for(lambda: per_engine(c.get("/metrics").text, "vllm:num_requests_running") == {"0": 0, "1": 0}, timeout=20)
+        assert plain(c.get("/metrics").text, 'tgi_request_failure{err="dropped"}') >= CAP
 
 
 def test_drain_finishes_every_engines_requests_then_exits_zero(dp_server):
