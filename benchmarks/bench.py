@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -360,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default="tgi_stream,tgi_generate,vllm_stream,in_process")
     ap.add_argument("--smoke", action="store_true", help="c=1,4, few requests, no chart")
     ap.add_argument("--results", default=str(RESULTS), help="output folder")
+    ap.add_argument("--engine-flags", default="",
+                    help="more vLLM engine flags for every cell, e.g. '--data-parallel-size 2' "
+                    "(on a one-NUMA-node CPU host also set VLLM_CPU_OMP_THREADS_BIND='0|1')")
     args = ap.parse_args(argv)
+    ENGINE_FLAGS.extend(shlex.split(args.engine_flags))
     levels = [int(c) for c in args.concurrency.split(",")]
     tokens, mult = args.tokens, args.requests
     if args.smoke:
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
         "vllm": vllm.__version__, "tokens": tokens, "levels": levels, "cells": {},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "engine_flags": ENGINE_FLAGS,
     }
     if {"tgi_stream", "tgi_generate"} & set(cells):
         port = _free_port()

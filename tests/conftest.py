@@ -162,6 +162,22 @@ def main_server(otlp_collector):
 
 
 @pytest.fixture(scope="session")
+def lora_server(tmp_path_factory):
+    """A second server with the tiny LoRA adapter loaded as `tiny-lora` (shared by the
+    adapter tests and the gateway-metrics test)."""
+    from tgi_compat.tiny_lora import build_tiny_lora
+    from tgi_compat.tiny_model import build_tiny_model
+
+    adapter = build_tiny_lora(build_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
+    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}"], log_name="lora")
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def server_url(main_server):
     return main_server.url
 
@@ -198,16 +214,19 @@ def wait_idle(http: httpx.Client, timeout: float = 10.0) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def prometheus_scraping(target: str, metrics_path: str = "/metrics"):
-    """A real Prometheus (Debian's package) scraping ``target`` (host:port) every second;
-    yields its URL."""
+def prometheus_scraping(targets: str | dict[str, str], metrics_path: str = "/metrics"):
+    """A real Prometheus (Debian's package) scraping each target (``host:port``, or a dict
+    of job name -> ``host:port``; a bare target is job ``tgi``) every second; yields its URL."""
     binary = shutil.which("prometheus")
     assert binary, "Debian's prometheus package is missing: `make test` installs it (apt-get install prometheus)"
+    jobs = {"tgi": targets} if isinstance(targets, str) else targets
     tmp = Path(tempfile.mkdtemp(prefix="prom-"))
+    scrape = "".join(
+        f"  - job_name: {job}\n    metrics_path: {metrics_path}\n    static_configs:\n      - targets: ['{target}']\n"
+        for job, target in jobs.items()
+    )
     (tmp / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: tgi\n    metrics_path: {metrics_path}\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
+        f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape}"
     )
     port = free_port()
     proc = subprocess.Popen(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -45,6 +46,38 @@ def test_exposition_format():
     assert "tgi_request_duration_count 1" in lines
     assert 'tgi_request_input_length_bucket{le="10"} 1' in lines  # 1000/100 * 1
     assert "tgi_request_mean_time_per_token_duration_sum 0.05" in lines
+
+
+def _sched(waiting: int, running: int, usage: float):
+    return SimpleNamespace(num_waiting_reqs=waiting, num_running_reqs=running, kv_cache_usage=usage)
+
+
+def _iteration(prompt_tokens: int, first_tokens: int):
+    return SimpleNamespace(num_prompt_tokens=prompt_tokens, time_to_first_tokens_iter=[0.01] * first_tokens)
+
+
+def test_data_parallel_engines_are_summed_once_and_reported_each():
+    m = TGIMetrics(max_input_tokens=100, max_total_tokens=200)
+    m.set_engines(2, kv_capacity_tokens=2000)  # vLLM sums both engines' KV blocks
+    text = (m.render() + m.render_engines()).decode()
+    assert "tgi_batch_max_total_tokens 2000" in text
+    assert 'tgi_compat_engine_queue_size{engine="1"} 0' in text  # listed before any step
+    m.engine_step(_sched(3, 5, 0.25), _iteration(10, 2), engine=0)
+    m.engine_step(_sched(1, 7, 0.5), _iteration(0, 0), engine=1)
+    m.engine_step(_sched(2, 5, 0.25), None, engine=0)  # engine 0 again: replaces its own values
+    lines = (m.render() + m.render_engines()).decode().splitlines()
+    assert "tgi_queue_size 3" in lines and "tgi_batch_current_size 12" in lines
+    assert "tgi_batch_current_max_tokens 750" in lines  # (0.25 + 0.5) * 1000 per engine
+    assert 'tgi_batch_inference_count{method="prefill"} 1' in lines
+    assert 'tgi_batch_inference_count{method="decode"} 1' in lines
+    assert "tgi_batch_next_size_count 1" in lines
+    assert 'tgi_compat_engine_queue_size{engine="0"} 2' in lines and 'tgi_compat_engine_queue_size{engine="1"} 1' in lines
+    assert 'tgi_compat_engine_batch_size{engine="1"} 7' in lines
+    assert 'tgi_compat_engine_kv_cache_usage{engine="1"} 0.5' in lines
+    assert "# TYPE tgi_compat_engine_kv_cache_usage gauge" in lines
+    # Step durations are measured per engine: another engine's step in between is not one.
+    m.engine_step(None, _iteration(0, 0), engine=1)
+    assert m.batch_inference_duration.count("decode") == 1
 
 
 def _series(text: str, name: str) -> dict[str, float]:
@@ -87,7 +120,7 @@ def test_request_id_is_echoed_or_made(http):
 
 @pytest.fixture(scope="module")
 def prometheus(server_url):
-    with prometheus_scraping(server_url.removeprefix("http://")) as url:
+    with prometheus_scraping({"tgi": server_url.removeprefix("http://")}) as url:
         yield url
 
 
@@ -102,11 +135,12 @@ def _scalar(prom: str, expr: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def _wait_scrapes(prom: str, n: int = 2) -> None:
-    """Wait until Prometheus has scraped the target n more times."""
-    start = _scalar(prom, 'count_over_time(up{job="tgi"}[10m])')
+def _wait_scrapes(prom: str, n: int = 2, job: str = "tgi") -> None:
+    """Wait until Prometheus has scraped the job's target n more times."""
+    expr = f'count_over_time(up{{job="{job}"}}[10m])'
+    start = _scalar(prom, expr)
     deadline = time.monotonic() + 30
-    while _scalar(prom, 'count_over_time(up{job="tgi"}[10m])') < start + n and time.monotonic() < deadline:
+    while _scalar(prom, expr) < start + n and time.monotonic() < deadline:
         time.sleep(0.25)
 
 
@@ -140,3 +174,48 @@ def test_prometheus_scrapes_and_dashboard_queries_work(prometheus, server_url, h
     assert _scalar(prometheus, "sum(tgi_request_generated_tokens_sum)") > 0
     assert _query(prometheus, "sum by (method) (rate(tgi_batch_inference_count[1m]))")
     assert _scalar(prometheus, "vllm:num_requests_running") >= 0
+
+
+# --- what inference gateways scrape ------------------------------------------------------
+# Gateway API Inference Extension's endpoint picker (and llm-d's scheduler, built on it)
+# reads these by default: --total-queued-requests-metric, --total-running-requests-metric,
+# --kv-cache-usage-percentage-metric, --lora-info-metric, --cache-info-metric. vLLM emits
+# vllm:lora_requests_info only when LoRA is on, as here (`--lora-adapters`).
+
+
+@pytest.fixture(scope="module")
+def gateway_prometheus(server_url, lora_server):
+    jobs = {"tgi": server_url.removeprefix("http://"), "lora": lora_server.removeprefix("http://")}
+    with prometheus_scraping(jobs) as url:
+        yield url
+
+
+def test_gateway_metrics_through_prometheus(gateway_prometheus, server_url, lora_server):
+    prom = gateway_prometheus
+    with httpx.Client(timeout=120) as c:
+        r = c.post(f"{lora_server}/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 4, "adapter_id": "tiny-lora"}})
+        assert r.status_code == 200
+        assert c.post(f"{server_url}/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 4}}).status_code == 200
+    _wait_scrapes(prom, 2, "tgi")
+    _wait_scrapes(prom, 2, "lora")
+    for job in ("tgi", "lora"):
+        for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+            result = _query(prom, f'{name}{{job="{job}"}}')
+            assert result, (job, name)
+            value = float(result[0]["value"][1])
+            assert value >= 0 and (name != "vllm:kv_cache_usage_perc" or value <= 1), (job, name, value)
+        # The picker reads block_size and num_gpu_blocks from the labels, as integers.
+        (info,) = _query(prom, f'vllm:cache_config_info{{job="{job}"}}')
+        labels = info["metric"]
+        assert int(labels["block_size"]) > 0 and int(labels["num_gpu_blocks"]) > 0, labels
+        assert float(info["value"][1]) == 1
+        # Our own capacity series agrees with vLLM's.
+        assert _scalar(prom, f'tgi_batch_max_total_tokens{{job="{job}"}}') == int(labels["block_size"]) * int(labels["num_gpu_blocks"])
+    # LoRA: max_lora, running and waiting adapters as labels, the value a timestamp (the
+    # picker takes the newest series); the adapter that just ran is named in one.
+    series = _query(prom, 'vllm:lora_requests_info{job="lora"}')
+    assert series
+    assert {s["metric"]["max_lora"] for s in series} == {"2"}  # one adapter + vLLM's empty slot
+    # (Prometheus drops empty labels: an idle engine's series has no adapter labels.)
+    assert any(s["metric"].get("running_lora_adapters") == "tiny-lora" for s in series), series
+    assert all(float(s["value"][1]) > 1.6e9 for s in series)

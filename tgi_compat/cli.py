@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     for notice in config.notices:
         logger.info("%s", notice)
     apply_process_env(config)
+    if config.headless:  # engines only, for a front end on another node
+        from tgi_compat.headless import run_headless
+
+        return run_headless(config)
     from tgi_compat.server import run
 
     try:

@@ -74,6 +74,7 @@ class Config:
     max_images_per_request: int = 8
     max_image_pixels: int = 50_000_000
     image_fetch_allow: tuple[str, ...] = ()
+    headless: bool = False  # engines only (data parallel), for a front end on another node
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, as given
     # AsyncEngineArgs fields set by TGI flags (those an explicit vLLM flag also set are left out).
     engine_overrides: dict[str, Any] = field(default_factory=dict)

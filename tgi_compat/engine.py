@@ -9,6 +9,7 @@ between releases.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -110,7 +111,8 @@ def _on_cpu() -> bool:
 
 
 def _step_logger_factory(engine: Engine):
-    """A vLLM stat logger that hands each engine step's statistics to ``engine.on_step``.
+    """A vLLM stat logger that hands each engine step's statistics to ``engine.on_step``,
+    with the index of the engine (data-parallel rank) that ran the step.
 
     vLLM keeps its own loggers (and its Prometheus metrics) beside this one.
     """
@@ -119,11 +121,13 @@ def _step_logger_factory(engine: Engine):
     class StepLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
             self.engine = engine
+            # vLLM makes one of these per engine (data parallel: one per DP rank).
+            self.engine_index = engine_index
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
             callback = self.engine.on_step
             if callback is not None:
-                callback(scheduler_stats, iteration_stats)
+                callback(scheduler_stats, iteration_stats, self.engine_index)
 
         def log_engine_initialized(self):
             pass
@@ -190,12 +194,16 @@ class Engine:
         from vllm import AsyncLLMEngine
 
         self.engine_args = engine_args
-        # Called once per engine step with vLLM's (scheduler_stats, iteration_stats).
+        # Called once per engine step with vLLM's (scheduler_stats, iteration_stats, engine index).
         self.on_step = None
+        self._closing = False
         self.llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[_step_logger_factory(self)])
         model_config = self.llm.model_config
         self.max_model_len: int = model_config.max_model_len
         cache = self.llm.vllm_config.cache_config
+        # Data parallel: engines on this node and on others (headless), one scheduler each.
+        self.num_engines: int = self.llm.vllm_config.parallel_config.data_parallel_size
+        # vLLM sums the KV blocks of every engine (local and remote) at start-up.
         self.kv_capacity_tokens: int = (cache.num_gpu_blocks or 0) * cache.block_size
         self.tokenizer = Tokenizer(
             AutoTokenizer.from_pretrained(
@@ -274,6 +282,40 @@ class Engine:
     def errored(self) -> bool:
         return self.llm.errored
 
+    @property
+    def remote_engines(self) -> int:
+        """Data-parallel engines on other nodes (headless), connected to this front end."""
+        parallel = self.llm.vllm_config.parallel_config
+        return parallel.data_parallel_size - parallel.data_parallel_size_local
+
+    async def watch_remote_engines(self) -> None:
+        """Treat a headless engine that went away as a dead engine.
+
+        vLLM watches the engine processes it started itself (their death fails every
+        request and marks the engine errored) but not engines on other nodes: a request
+        on a killed headless engine would wait forever. Every engine holds a connection
+        to the front end's request socket; when one closes while we are not shutting
+        down, this does what vLLM does for a local engine's death: mark the engines dead
+        and shut the client down, which ends every request with an error.
+        """
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        core = self.llm.engine_core
+        monitor = core.resources.input_socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if self._closing or self.llm.errored:
+                    return
+                logger.error("a data-parallel engine disconnected (%s): treating it as dead", event["endpoint"])
+                core.resources.engine_dead = True
+                # Blocking (it stops this node's engines too): off the event loop.
+                await asyncio.to_thread(core.shutdown)
+                return
+        finally:
+            monitor.close(linger=0)
+
     async def check_health(self) -> None:
         await self.llm.check_health()
 
@@ -281,4 +323,5 @@ class Engine:
         return self.llm.get_num_unfinished_requests()
 
     def shutdown(self, timeout: float = 30.0) -> None:
+        self._closing = True
         self.llm.shutdown(timeout=timeout)

@@ -377,6 +377,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("stay-up-on-engine-failure", "", "keep serving 503s after the engine dies instead of exiting",
          kind="switch", parse=boolean, default=False, origin="ours"),
     Flag("log-level", "", "log level (TGI reads LOG_LEVEL too)", default="info", origin="ours"),
+    Flag("headless", "", "run only this node's data-parallel engines, for a front end on another node "
+         "(vLLM's `serve --headless`, with tgi-compat's engine set-up; README, Scaling)", kind="switch",
+         parse=boolean, default=False, env=None, origin="ours"),
 )
 
 FLAGS_BY_FIELD = {f.field: f for f in FLAGS if f.field}

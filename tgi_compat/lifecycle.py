@@ -77,6 +77,8 @@ class Lifecycle:
         self.engine = engine
         self._loop = asyncio.get_running_loop()
         self._spawn(self._watch_engine(engine))
+        if getattr(engine, "remote_engines", 0) > 0:  # headless engines on other nodes
+            self._spawn(engine.watch_remote_engines())
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

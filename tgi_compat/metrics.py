@@ -44,6 +44,10 @@ HELP = {
     "tgi_request_input_length": "Input token length per request",
     "tgi_batch_next_size": "Batch size of the next batch",
     # Registered by TGI under `tgi_batch_total_tokens`, so `tgi_batch_max_total_tokens` has none.
+    # Ours, per data-parallel engine:
+    "tgi_compat_engine_queue_size": "Requests waiting in this engine's scheduler",
+    "tgi_compat_engine_batch_size": "Requests running in this engine's batch",
+    "tgi_compat_engine_kv_cache_usage": "Fraction of this engine's KV-cache blocks in use (0 to 1)",
 }
 
 
@@ -177,7 +181,12 @@ class TGIMetrics:
         self.batch_inference_duration = Histogram("tgi_batch_inference_duration", d, ("method",))
         self.batch_forward_duration = Histogram("tgi_batch_forward_duration", d, ("method",))
         self._families: list[_Family] = [v for v in vars(self).values() if isinstance(v, _Family)]
-        self._last_step: float | None = None
+        # Per engine (data-parallel rank); not TGI series, so outside self._families.
+        self.engine_queue_size = Gauge("tgi_compat_engine_queue_size", ("engine",))
+        self.engine_batch_size = Gauge("tgi_compat_engine_batch_size", ("engine",))
+        self.engine_kv_cache_usage = Gauge("tgi_compat_engine_kv_cache_usage", ("engine",))
+        self.kv_capacity_per_engine = 0.0
+        self._last_step: dict[int, float] = {}
 
     # --- request events (the TGI spec layer calls these) ---
 
@@ -193,11 +202,19 @@ class TGIMetrics:
 
     # --- engine events (vLLM's stat logger hook calls this once per engine step) ---
 
-    def engine_step(self, scheduler_stats, iteration_stats, kv_capacity_tokens: int) -> None:
+    def engine_step(self, scheduler_stats, iteration_stats, engine: int = 0) -> None:
+        """One step of one engine. With data parallelism each engine (DP rank, local or
+        headless on another node) reports its own steps: counters add them up once each,
+        TGI's gauges show the sum over engines, ``tgi_compat_engine_*`` each engine."""
+        label = str(engine)
         if scheduler_stats is not None:
-            self.queue_size.set(scheduler_stats.num_waiting_reqs)
-            self.batch_current_size.set(scheduler_stats.num_running_reqs)
-            self.batch_current_max_tokens.set(round(scheduler_stats.kv_cache_usage * kv_capacity_tokens))
+            self.engine_queue_size.set(scheduler_stats.num_waiting_reqs, label)
+            self.engine_batch_size.set(scheduler_stats.num_running_reqs, label)
+            self.engine_kv_cache_usage.set(scheduler_stats.kv_cache_usage, label)
+            self.queue_size.set(sum(self.engine_queue_size.values.values()))
+            self.batch_current_size.set(sum(self.engine_batch_size.values.values()))
+            usage = sum(self.engine_kv_cache_usage.values.values())
+            self.batch_current_max_tokens.set(round(usage * self.kv_capacity_per_engine))
         if iteration_stats is None:
             return
         now = time.monotonic()
@@ -207,13 +224,31 @@ class TGIMetrics:
         new_requests = len(iteration_stats.time_to_first_tokens_iter)
         if new_requests:
             self.batch_next_size.observe(new_requests)
-        # vLLM reports no per-step duration by default: the time since the previous step,
-        # when the engine was busy in between, is the step's duration.
-        if self._last_step is not None and now - self._last_step < 1.0:
-            step = now - self._last_step
+        # vLLM reports no per-step duration by default: the time since the same engine's
+        # previous step, when it was busy in between, is the step's duration.
+        last = self._last_step.get(engine)
+        if last is not None and now - last < 1.0:
+            step = now - last
             self.batch_inference_duration.observe(step, method)
             self.batch_forward_duration.observe(step, method)
-        self._last_step = now
+        self._last_step[engine] = now
+
+    def set_engines(self, num_engines: int, kv_capacity_tokens: int) -> None:
+        """The engines' total KV capacity (vLLM sums it over data-parallel engines)."""
+        self.batch_max_total_tokens.set(kv_capacity_tokens)
+        self.kv_capacity_per_engine = kv_capacity_tokens / max(num_engines, 1)
+        for engine in range(num_engines):  # every engine is listed from the start
+            for gauge in (self.engine_queue_size, self.engine_batch_size, self.engine_kv_cache_usage):
+                gauge.values.setdefault((str(engine),), 0)
+
+    def render_engines(self) -> bytes:
+        """The per-engine ``tgi_compat_engine_*`` gauges (not TGI's: rendered apart)."""
+        lines: list[str] = []
+        for family in (self.engine_queue_size, self.engine_batch_size, self.engine_kv_cache_usage):
+            if family.values:
+                lines.extend(family.header())
+                lines.extend(family.render())
+        return ("\n".join(lines) + "\n").encode() if lines else b""
 
     def render(self) -> bytes:
         lines: list[str] = []

@@ -57,6 +57,25 @@ def resolve_model(config: Config) -> str:
     return path
 
 
+def config_engine_args(config: Config):
+    """(vLLM ``AsyncEngineArgs``, LoRA paths) for the configuration: one set-up for the
+    front end's engines and for headless ones on other nodes."""
+    from tgi_compat.adapters import parse_lora_adapters, resolve
+    from tgi_compat.engine import build_engine_args
+
+    model = resolve_model(config)
+    # The engine's processes read the watermark settings from the environment.
+    if config.watermark_gamma is not None:
+        os.environ["WATERMARK_GAMMA"] = str(config.watermark_gamma)
+    if config.watermark_delta is not None:
+        os.environ["WATERMARK_DELTA"] = str(config.watermark_delta)
+    lora_paths = {a.id: resolve(a, config.hub_cache) for a in parse_lora_adapters(config.lora_adapters)}
+    engine_args = build_engine_args(
+        model, config.engine_flags, config.engine_overrides, lora_paths, config.max_batch_total_tokens
+    )
+    return engine_args, lora_paths
+
+
 def resolve_limits(config: Config, max_model_len: int) -> tuple[int, int]:
     """(max_input_tokens, max_total_tokens), defaulted from and checked against the engine."""
     total = config.max_total_tokens or max_model_len
@@ -103,21 +122,9 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
         nonlocal engine
         owned = engine is None
         if engine is None:
-            from tgi_compat.engine import Engine, build_engine_args
+            from tgi_compat.engine import Engine
 
-            from tgi_compat.adapters import parse_lora_adapters, resolve
-
-            model = resolve_model(config)
-            # The engine's processes read the watermark settings from the environment.
-            if config.watermark_gamma is not None:
-                os.environ["WATERMARK_GAMMA"] = str(config.watermark_gamma)
-            if config.watermark_delta is not None:
-                os.environ["WATERMARK_DELTA"] = str(config.watermark_delta)
-            lora_paths = {a.id: resolve(a, config.hub_cache) for a in parse_lora_adapters(config.lora_adapters)}
-            engine_args = build_engine_args(
-                model, config.engine_flags, config.engine_overrides, lora_paths, config.max_batch_total_tokens
-            )
-            engine = Engine(engine_args, lora_paths)
+            engine = Engine(*config_engine_args(config))
         max_input, max_total = resolve_limits(config, engine.max_model_len)
         limits = Limits(
             max_best_of=config.max_best_of,
@@ -132,8 +139,8 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
         app.state.engine = engine
         app.state.limiter = limiter
         metrics = TGIMetrics(max_input, max_total)
-        metrics.batch_max_total_tokens.set(engine.kv_capacity_tokens)
-        engine.on_step = lambda sched, it: metrics.engine_step(sched, it, engine.kv_capacity_tokens)
+        metrics.set_engines(getattr(engine, "num_engines", 1), engine.kv_capacity_tokens)
+        engine.on_step = metrics.engine_step
         app.state.metrics = metrics
         tracer = None
         if config.otlp_endpoint:
@@ -332,7 +339,7 @@ def render_metrics(state) -> bytes:
         "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
         "# TYPE tgi_compat_engine_requests gauge\n"
         f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
-    ).encode()
+    ).encode() + state.metrics.render_engines()
     # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
     return tgi + b"\n" + own + generate_latest(REGISTRY)
 

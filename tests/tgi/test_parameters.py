@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import ValidationError as HFValidationError
 
-from tests.conftest import ServerProcess, wait_idle
+from tests.conftest import wait_idle
 from tgi_compat.logits import watermark_score
 
 PERSON = {"type": "object",
@@ -222,20 +222,6 @@ def test_watermarked_generations_score_far_above_plain_ones(server_url, http):
 
 
 # --- adapter_id (LoRA) ---
-
-
-@pytest.fixture(scope="module")
-def lora_server(tmp_path_factory):
-    from tgi_compat.tiny_lora import build_tiny_lora
-    from tgi_compat.tiny_model import build_tiny_model
-
-    adapter = build_tiny_lora(build_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
-    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}"], log_name="lora")
-    try:
-        server.wait_ready()
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_adapter_changes_output_and_each_is_reproducible(lora_server):

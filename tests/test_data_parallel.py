@@ -1,0 +1,283 @@
+"""Data parallel on vLLM's own machinery: one front end over several engines, on one node
+(``--data-parallel-size 2``) and across nodes (a headless engine process on loopback, as a
+second node would run it). Every engine is a real vLLM engine on the tiny model.
+
+On a CPU host vLLM binds each engine's OpenMP threads to cores; with one NUMA node its
+automatic binding cannot give two engines cores of their own, so the engines are bound
+explicitly with vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` (one core each here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ROOT, ServerProcess, free_port, wait_idle
+from tests.test_lifecycle import StreamReader, wait_for
+
+# Two engines start in about two minutes here (each compiles the model on one core).
+pytestmark = pytest.mark.timeout(600)
+
+MAX_TOTAL = "8192"
+CAP = 8
+# Greedy on the tiny model runs to max_new_tokens: several seconds on this 2-core host.
+LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6000}}
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _bind(cores: str) -> dict[str, str]:
+    return {"VLLM_CPU_OMP_THREADS_BIND": cores} if _on_cpu() else {}
+
+
+def per_engine(text: str, name: str, **labels: str) -> dict[str, float]:
+    """engine label -> value, summed over the other labels (filtered by ``labels``)."""
+    out: dict[str, float] = {}
+    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(got.get(k) == v for k, v in labels.items()):
+            out[got["engine"]] = out.get(got["engine"], 0) + float(m.group(2))
+    return out
+
+
+def plain(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def engine_process(server: ServerProcess, rank: int) -> psutil.Process:
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        if f"EngineCore_DP{rank}" in child.name() or f"EngineCore_DP{rank}" in " ".join(child.cmdline()):
+            return child
+    names = [c.name() for c in psutil.Process(server.proc.pid).children(recursive=True)]
+    raise AssertionError(f"no engine process for DP rank {rank} among {names}")
+
+
+async def _burst(url: str, n: int, max_new_tokens: int = 8) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        return await asyncio.gather(*(
+            c.post("/generate", json={"inputs": f"spread {i}", "parameters": {"max_new_tokens": max_new_tokens}})
+            for i in range(n)
+        ))
+
+
+# --- one node ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dp_server():
+    server = ServerProcess(
+        ["--max-total-tokens", MAX_TOTAL, "--max-concurrent-requests", str(CAP), "--shutdown-timeout", "3",
+         "--data-parallel-size", "2"],
+        env=_bind("0|1"),
+        log_name="dp",
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_every_route_serves_and_each_engines_work_is_counted_once(dp_server):
+    url = dp_server.url
+    with httpx.Client(base_url=url, timeout=120) as c:
+        before = c.get("/metrics").text
+        assert c.get("/info").json()["max_total_tokens"] == int(MAX_TOTAL)
+        assert c.post("/tokenize", json={"inputs": "hello"}).status_code == 200
+        assert c.post("/", json={"inputs": "a", "parameters": {"max_new_tokens": 3}}).status_code == 200
+        stream = c.post("/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 3}})
+        assert stream.status_code == 200 and stream.text.count("data:") == 3
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
+        comp = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 3})
+        assert comp.status_code == 200 and len(comp.json()["choices"]) == 2
+        responses = asyncio.run(_burst(url, CAP))
+        assert [r.status_code for r in responses] == [200] * CAP
+        after = c.get("/metrics").text
+
+    def delta(name, **labels):
+        b, a = per_engine(before, name, **labels), per_engine(after, name, **labels)
+        return {e: a[e] - b.get(e, 0) for e in a}
+
+    # vLLM's front end balanced the requests over both engines.
+    finished = delta("vllm:request_success_total")
+    assert set(finished) == {"0", "1"} and min(finished.values()) >= 2, finished
+    # TGI's series count each engine's work exactly once.
+    generations = 1 + 1 + 1 + 2 + CAP
+    assert plain(after, "tgi_request_success") - plain(before, "tgi_request_success") == generations
+    generated = delta("vllm:generation_tokens_total")
+    assert plain(after, "tgi_request_generated_tokens_sum") - plain(before, "tgi_request_generated_tokens_sum") == sum(generated.values())
+    steps = sum(delta("vllm:iteration_tokens_total_count").values())
+    ours = sum(
+        plain(after, f'tgi_batch_inference_count{{method="{m}"}}') - plain(before, f'tgi_batch_inference_count{{method="{m}"}}')
+        for m in ("prefill", "decode")
+    )
+    assert ours == steps, (ours, steps)
+    # Capacity: both engines' KV blocks (vLLM's cache_config_info sums them too).
+    info = re.search(r'^vllm:cache_config_info\{([^}]*)\}', after, re.M).group(1)
+    blocks, size = (int(re.search(rf'{k}="(\d+)"', info).group(1)) for k in ("num_gpu_blocks", "block_size"))
+    assert plain(after, "tgi_batch_max_total_tokens") == blocks * size
+    for gauge in ("tgi_compat_engine_queue_size", "tgi_compat_engine_batch_size", "tgi_compat_engine_kv_cache_usage"):
+        assert set(per_engine(after, gauge)) == {"0", "1"}, gauge
+
+
+def _open_raw_stream(port: int, body: dict) -> socket.socket:
+    """A /generate_stream request on a raw socket, returned once its first event arrived."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(f"POST /generate_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    received = b""
+    while b"data:" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    return sock
+
+
+def test_gauges_admission_and_disconnects_across_engines(dp_server):
+    url = dp_server.url
+    with ThreadPoolExecutor(CAP) as pool:  # at once, as concurrent clients arrive
+        socks = list(pool.map(lambda _: _open_raw_stream(dp_server.port, LONG), range(CAP)))
+    # Both engines spin on this 2-core host and starve the front end: pause every engine
+    # and worker process so /metrics answers, with the gauges of the engines' last steps.
+    time.sleep(0.5)
+    engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
+    for p in engine_procs:
+        p.suspend()
+    try:
+        text = httpx.get(url + "/metrics", timeout=60).text
+        running = per_engine(text, "tgi_compat_engine_batch_size")
+        usage = per_engine(text, "tgi_compat_engine_kv_cache_usage")
+        queued = per_engine(text, "tgi_compat_engine_queue_size")
+        # Both engines run requests; TGI's gauges are their sums; vLLM's agree per engine.
+        assert min(running.values()) > 0 and min(usage.values()) > 0, (running, usage)
+        assert sum(running.values()) + sum(queued.values()) == CAP
+        assert plain(text, "tgi_batch_current_size") == sum(running.values())
+        assert plain(text, "tgi_queue_size") == sum(queued.values())
+        assert per_engine(text, "vllm:num_requests_running") == running
+        assert per_engine(text, "vllm:kv_cache_usage_perc") == usage
+        capacity = plain(text, "tgi_batch_max_total_tokens") / 2
+        assert plain(text, "tgi_batch_current_max_tokens") == round(sum(usage.values()) * capacity)
+        # Admission: the cap counts generations on every engine.
+        r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=60)
+        assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
+    finally:
+        for p in engine_procs:
+            p.resume()
+        for sock in socks:  # the clients vanish mid-stream
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        # Each request is aborted in whichever engine ran it.
+        assert wait_idle(c, timeout=60) == (0, 0)
+        assert wait_for(lambda: per_engine(c.get("/metrics").text, "vllm:num_requests_running") == {"0": 0, "1": 0}, timeout=20)
+        assert plain(c.get("/metrics").text, 'tgi_request_failure{err="dropped"}') >= CAP
+
+
+def test_drain_finishes_every_engines_requests_then_exits_zero(dp_server):
+    url = dp_server.url
+    short = [StreamReader(url, {"inputs": f"drain {i}", "parameters": {"max_new_tokens": 40}}) for i in range(4)]
+    long = [StreamReader(url, LONG) for _ in range(2)]
+    for s in short + long:
+        assert s.started.wait(60)
+    os.kill(dp_server.proc.pid, signal.SIGTERM)
+    for s in short:
+        s.join(60)
+        assert s.events()[-1]["generated_text"] is not None
+    for s in long:
+        s.join(60)
+        assert s.events()[-1] == {
+            "error": "Request failed during generation: the server is shutting down", "error_type": "generation"}
+    assert dp_server.proc.wait(60) == 0
+
+
+# --- across nodes (loopback) ------------------------------------------------------------
+
+
+class HeadlessNode:
+    """`tgi-compat --headless`: DP rank 1's engine, joining the front end as a second node would."""
+
+    def __init__(self, rpc_port: int, log_path):
+        self._log = open(log_path, "wb")
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tgi_compat", "--headless", "--max-total-tokens", MAX_TOTAL,
+             "--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1",
+             "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc_port)],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **_bind("1")},
+        )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    rpc = free_port()
+    front = ServerProcess(
+        ["--max-total-tokens", MAX_TOTAL, "--engine-failure-grace", "60",
+         "--data-parallel-size", "2", "--data-parallel-size-local", "1",
+         "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc)],
+        env=_bind("0"),
+        log_name="dp-front",
+    )
+    headless = HeadlessNode(rpc, front.log_path.with_name(f"dp-headless-{front.port}.log"))
+    try:
+        try:
+            front.wait_ready()
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nheadless node:\n{headless.log_path.read_text()[-3000:]}") from None
+        yield front, headless
+    finally:
+        front.stop(signal.SIGKILL)
+        headless.kill()
+
+
+def test_requests_spread_over_the_front_end_and_the_headless_node(two_nodes):
+    front, _ = two_nodes
+    before = httpx.get(front.url + "/metrics", timeout=30).text
+    assert [r.status_code for r in asyncio.run(_burst(front.url, 12))] == [200] * 12
+    after = httpx.get(front.url + "/metrics", timeout=30).text
+    b, a = per_engine(before, "vllm:request_success_total"), per_engine(after, "vllm:request_success_total")
+    finished = {e: a[e] - b.get(e, 0) for e in a}
+    assert set(finished) == {"0", "1"} and min(finished.values()) >= 2, finished
+    assert plain(after, "tgi_request_success") - plain(before, "tgi_request_success") == 12
+
+
+def test_killing_the_headless_node_fails_health_and_in_flight_requests(two_nodes):
+    front, headless = two_nodes
+    streams = [StreamReader(front.url, LONG) for _ in range(4)]
+    for s in streams:
+        assert s.started.wait(60)
+    assert httpx.get(front.url + "/health", timeout=30).status_code == 200
+    headless.kill()  # the whole node goes away
+    assert wait_for(lambda: httpx.get(front.url + "/health", timeout=30).status_code == 503, timeout=30, interval=0.2)
+    for s in streams:
+        s.join(60)
+        last = s.events()[-1]
+        assert last.get("error_type") == "generation", s.raw[-400:]
+    r = httpx.post(front.url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
+    assert r.status_code == 424 and r.json()["error_type"] == "generation"
