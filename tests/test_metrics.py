@@ -145,7 +145,9 @@ def _wait_scrapes(prom: str, n: int = 2, job: str = "tgi") -> None:
 
 
 def test_prometheus_scrapes_and_dashboard_queries_work(prometheus, server_url, http):
-    _wait_scrapes(prometheus, 1)
+    # TGI's series exist only after first use, and rate() needs a sample before the traffic.
+    assert http.post("/generate", json={"inputs": "warm", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    _wait_scrapes(prometheus, 2)
     assert _scalar(prometheus, 'up{job="tgi"}') == 1.0
     success0 = _scalar(prometheus, "tgi_request_success")
     failures0 = {r["metric"]["err"]: float(r["value"][1]) for r in _query(prometheus, "sum by (err) (tgi_request_failure)")}
