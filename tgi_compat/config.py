@@ -50,6 +50,10 @@ class Config:
     lora_adapters: str | None = None
     watermark_gamma: float | None = None
     watermark_delta: float | None = None
+    # Connection guards (tgi_compat/connection.py); not TGI flags.
+    send_timeout: float = 60.0
+    request_read_timeout: float = 60.0
+    max_connections: int | None = None  # None: max(1024, 4 x max_concurrent_requests)
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, untouched
 
     def tgi_engine_flags(self) -> list[str]:
@@ -136,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--watermark-delta", type=float, default=_float_env("WATERMARK_DELTA"),
       help="Logit bias of green-list tokens for `watermark` (WATERMARK_DELTA). Default 2.0.")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="Log level (LOG_LEVEL). Default info.")
+    # Connection guards (tgi_compat/connection.py): our own flags, not TGI's.
+    a("--send-timeout", type=float, default=float(_env("SEND_TIMEOUT", 60.0)),
+      help="Close a connection whose client has read nothing for this many seconds while a response waits "
+      "(SEND_TIMEOUT); its generation is aborted and its permit released. Default 60 (nginx's send_timeout).")
+    a("--request-read-timeout", type=float, default=float(_env("REQUEST_READ_TIMEOUT", 60.0)),
+      help="A request's headers and body must arrive within this many seconds of its first byte, else 408 "
+      "(REQUEST_READ_TIMEOUT). Default 60.")
+    a("--max-connections", type=int, default=_int_env("MAX_CONNECTIONS"),
+      help="Open connections before the longest-idle one is closed, or, if none is idle, new requests are "
+      "answered 503 `overloaded` (MAX_CONNECTIONS). Default max(1024, 4 x max_concurrent_requests).")
     return p
 
 
@@ -173,6 +187,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
         and config.max_input_tokens >= config.max_total_tokens
     ):
         raise ConfigError("`max_input_tokens` must be < `max_total_tokens`")
+    if config.max_connections is not None and config.max_connections < config.max_concurrent_requests:
+        raise ConfigError("`max_connections` must be >= `max_concurrent_requests`")
+    if config.send_timeout <= 0 or config.request_read_timeout <= 0:
+        raise ConfigError("`send_timeout` and `request_read_timeout` must be > 0")
     from tgi_compat.adapters import parse_lora_adapters
 
     try:
