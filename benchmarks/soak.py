@@ -273,14 +273,18 @@ def disconnect_report(log: str, drops: dict[str, float]) -> dict:
             at = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             ends[rid] = (at, m.group(2), fields)
     outcome: Counter[str] = Counter()
-    delays = []
+    delays, ran_on = [], []
     for rid, closed in drops.items():
         if rid not in ends:
             outcome["never reached the app (closed before its body was read)"] += 1
             continue
         at, how, fields = ends[rid]
         if how == "finished" or (fields.get("error") != "dropped" and at < closed):
-            outcome["answered before the close" if at < closed + 0.05 else "ran to the end (disconnect not seen)"] += 1
+            if at < closed + 0.05:
+                outcome["answered before the close"] += 1
+            else:
+                outcome["ran to the end (disconnect not seen)"] += 1
+                ran_on.append(round(at - closed, 3))
         elif fields.get("error") == "dropped":
             outcome["aborted (dropped)"] += 1
             delays.append(max(at - closed, 0.0))
@@ -297,6 +301,8 @@ def disconnect_report(log: str, drops: dict[str, float]) -> dict:
         "abort_delay_p50_ms": round(delays[len(delays) // 2] * 1000, 1) if delays else None,
         "abort_delay_p99_ms": round(delays[int(len(delays) * 0.99)] * 1000, 1) if delays else None,
         "abort_delay_max_ms": round(delays[-1] * 1000, 1) if delays else None,
+        # Seconds from the close to the end of each generation that ran to its end anyway.
+        "ran_to_the_end_after_s": sorted(ran_on),
     }
 
 
