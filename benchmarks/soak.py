@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=600.0, help="RSS growth is judged from here (seconds) to the end")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak"),
                     help="samples go to OUT.csv and OUT.png")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="lower the load client's CPU priority by this much once the server runs (on this "
+                    "shared-core loopback set-up the client otherwise takes the server's CPU; real clients "
+                    "run elsewhere)")
     ap.add_argument("--server-log", help="the running server's log (with --url), for the disconnect report")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
@@ -358,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         proc, url = _start_server(args.cap)
         pid, log_path = proc.pid, _start_server.log_path
+    if args.nice:
+        os.nice(args.nice)
     try:
         rss_before = _rss_mb(pid) if pid else float("nan")
         soak = Soak(url, args.requests, args.duration, args.cap * args.multiplier, args.seed)
@@ -402,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mb_before": round(rss_before, 1),
             "rss_mb_after": round(rss_after, 1),
             "concurrency": soak.concurrency,
+            "client_nice": args.nice,
             "seconds": round(elapsed, 1),
             "requests_per_second": round(c["sent"] / elapsed, 1),
             "rss_growth_after_warmup": growth,
