@@ -4,6 +4,7 @@ guards of tgi_compat/connection.py), on a real server with small timeouts and ca
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
@@ -258,3 +259,26 @@ def test_200_disconnects_under_full_load_all_abort(guarded):
     records = dict(re.findall(r"request_id=(drop-\d+) .*?error=dropped .*?closed_by=(\w+)", log))
     assert sorted(records) == sorted(ids)
     assert set(records.values()) == {"peer"}
+
+
+def _server_side_timer(server_port: int, client_port: int) -> tuple[int, float] | None:
+    """(timer kind, seconds left) of the server's end of a loopback connection, from
+    /proc/net/tcp (kind 2: the keepalive timer)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            kind, when = fields[5].split(":")
+            return int(kind, 16), int(when, 16) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def test_accepted_sockets_have_tcp_keepalive(guarded):
+    server, http = guarded
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        timer = wait_for(lambda: _server_side_timer(server.port, s.getsockname()[1]), timeout=5)
+        assert timer is not None and timer[0] == 2, timer  # the keepalive timer runs
+        assert 0 < timer[1] <= 30  # first probe after 30 s idle
+    finally:
+        s.close()

@@ -126,11 +126,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._fd = sock.fileno()
             try:
                 set_tcp_keepalive(sock, max(DEAD_PEER_SECONDS, guard.send_timeout))
-            except OSError:
-                pass
+            except (OSError, AttributeError, TypeError):  # a platform without these options
+                logger.debug("TCP keepalive options not set", exc_info=True)
         # A connection that never sends a request is idle: same timeout as keep-alive.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
-        if len(self.connections) > guard.max_connections:
+        if len(self.connections) > guard.max_connections and self._open_connections() > guard.max_connections:
             self._evict_idle()
 
     def connection_lost(self, exc) -> None:
@@ -160,10 +160,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         victim = None
         for conn in self.connections:
             since = getattr(conn, "_idle_since", None)
-            if conn is not self and since is not None and (victim is None or since < victim._idle_since):
+            if (conn is not self and since is not None and not conn.transport.is_closing()
+                    and (victim is None or since < victim._idle_since)):
                 victim = conn
         if victim is None:
             return False
+        victim._idle_since = None
         logger.debug("connection cap %d reached: closing the longest-idle connection", self.guard.max_connections)
         victim._close("idle_evicted", abort=victim.transport.get_write_buffer_size() > 0)
         return True
@@ -219,9 +221,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # --- the connection cap ---
 
     def _start_asgi_task(self, cycle, app) -> None:
-        if len(self.connections) > self.guard.max_connections and not self._evict_idle():
+        cap = self.guard.max_connections
+        if len(self.connections) > cap and self._open_connections() > cap and not self._evict_idle():
             app = self._refuse_over_capacity
         super()._start_asgi_task(cycle, app)
+
+    def _open_connections(self) -> int:
+        """Connections not already closing (those leave the set a moment later)."""
+        return sum(1 for conn in self.connections if not conn.transport.is_closing())
 
     async def _refuse_over_capacity(self, scope, receive, send) -> None:
         self.guard.stats.closed["over_capacity"] += 1
