@@ -36,6 +36,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -148,8 +149,16 @@ class Soak:
             else:
                 await asyncio.sleep(self.rng.uniform(0.0, 0.2))
         finally:
-            writer.transport.abort()  # RST: vanish
+            # Vanish now: the transport's own close waits for this busy loop's next turn,
+            # so the socket is shut down here, and that moment noted.
+            sock = writer.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.drops[request_id] = time.time()
+            writer.transport.abort()  # RST
         self.counts["disconnected by client"] += 1
 
     async def _stream_drop(self, client: httpx.AsyncClient) -> None:
