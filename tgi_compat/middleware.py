@@ -3,9 +3,9 @@ learns of a disconnect, for the dropped-request record)."""
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tgi_compat.connection import DISCONNECT_SEEN_KEY
 from tgi_compat.errors import BodyError, payload_too_large
