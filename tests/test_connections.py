@@ -277,8 +277,10 @@ def test_accepted_sockets_have_tcp_keepalive(guarded):
     server, http = guarded
     s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     try:
-        timer = wait_for(lambda: _server_side_timer(server.port, s.getsockname()[1]), timeout=5)
-        assert timer is not None and timer[0] == 2, timer  # the keepalive timer runs
+        # The kernel lists the connection before the server accepts it and sets its options.
+        port = s.getsockname()[1]
+        timer = wait_for(lambda: (t := _server_side_timer(server.port, port)) and t[0] == 2 and t, timeout=10)
+        assert timer, _server_side_timer(server.port, port)  # the keepalive timer runs
         assert 0 < timer[1] <= 30  # first probe after 30 s idle
     finally:
         s.close()
