@@ -177,29 +177,6 @@ class Engine:
         lora = self.adapters[adapter] if adapter is not None else None
         return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora)
 
-    async def warm_up(self) -> None:
-        """Run, before the server is ready, the paths vLLM compiles lazily on first use, so
-        that no user request pays for them: token logprobs (``torch.compile`` of vLLM's
-        rank kernel, ~10-20 s on first use here), prompt logprobs, random sampling with
-        top-k/top-p, each with the base model and with every adapter."""
-        import asyncio
-
-        prompt = [self.tokenizer.eos_token_id or 0] * 4
-        kinds = [
-            {"temperature": 0.0, "logprobs": 5, "prompt_logprobs": 0},
-            {"temperature": 1.0, "top_k": 5, "top_p": 0.9, "seed": 0, "logprobs": 1},
-        ]
-
-        async def one(i: int, kind: dict, adapter: str | None) -> None:
-            sampling = {"max_tokens": 2, "detokenize": False, **kind}
-            if adapter is not None:
-                sampling["adapter"] = adapter
-            async for _ in self.generate(prompt, sampling, f"warm-up-{i}"):
-                pass
-
-        jobs = [(kind, adapter) for adapter in [None, *self.adapters] for kind in kinds]
-        await asyncio.gather(*(one(i, kind, adapter) for i, (kind, adapter) in enumerate(jobs)))
-
     async def abort(self, request_id: str | list[str]) -> None:
         await self.llm.abort(request_id)
 

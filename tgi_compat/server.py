@@ -6,7 +6,6 @@ import ipaddress
 import os
 import logging
 import subprocess
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -104,10 +103,6 @@ def create_app(config: Config, engine=None) -> FastAPI:
                 build_engine_args(model, config.tgi_engine_flags(), config.engine_flags, lora_paths), lora_paths
             )
         max_input, max_total = resolve_limits(config, engine.max_model_len)
-        if owned:
-            started = time.monotonic()
-            await engine.warm_up()  # before the port opens, so /health is never ready before it
-            logger.info("warm-up done in %.1f s", time.monotonic() - started)
         limits = Limits(
             max_best_of=config.max_best_of,
             max_stop_sequences=config.max_stop_sequences,
