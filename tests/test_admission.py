@@ -71,13 +71,13 @@ async def test_cap_rejects_exactly_the_extra_requests(server_url, http):
         assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
         assert "content-length" in r.headers
         # huggingface_hub raises OverloadedError both ways, sync and async.
-        sync_client = InferenceClient(server_url)
+        sync_client = InferenceClient(server_url, timeout=120)
         with pytest.raises(OverloadedError):
             await asyncio.to_thread(sync_client.text_generation, "x", max_new_tokens=2)
         with pytest.raises(OverloadedError):
             await asyncio.to_thread(lambda: list(sync_client.text_generation("x", max_new_tokens=2, stream=True)))
         with pytest.raises(OverloadedError):
-            await AsyncInferenceClient(server_url).text_generation("x", max_new_tokens=2)
+            await AsyncInferenceClient(server_url, timeout=120).text_generation("x", max_new_tokens=2)
 
         # The admitted streams all complete with their final event.
         for response, chunks, first in held:

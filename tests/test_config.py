@@ -85,3 +85,29 @@ def test_image_flags(monkeypatch):
     assert parse_config(["--image-fetch-allow", "10.0.0.0/8"])[0].image_fetch_allow == ("10.0.0.0/8",)
     with pytest.raises(ConfigError, match="`max_images_per_request` must be > 0"):
         parse_config(["--max-images-per-request", "0"])
+
+
+def test_connection_guard_flags(monkeypatch):
+    config, _ = parse_config([])
+    assert (config.send_timeout, config.request_read_timeout, config.max_connections) == (60.0, 60.0, None)
+    monkeypatch.setenv("SEND_TIMEOUT", "5")
+    monkeypatch.setenv("MAX_CONNECTIONS", "300")
+    config, _ = parse_config(["--request-read-timeout", "7"])
+    assert (config.send_timeout, config.request_read_timeout, config.max_connections) == (5.0, 7.0, 300)
+    with pytest.raises(ConfigError, match="`max_connections` must be >= `max_concurrent_requests`"):
+        parse_config(["--max-connections", "10", "--max-concurrent-requests", "20"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        parse_config(["--send-timeout", "0"])
+
+
+def test_max_connections_fits_the_fd_limit():
+    import resource
+
+    from tgi_compat.connection import FD_RESERVE, resolve_max_connections
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert resolve_max_connections(None, 128) == 1024 or soft < 1024 + FD_RESERVE
+    assert resolve_max_connections(None, 512) >= 512
+    if hard != resource.RLIM_INFINITY:
+        with pytest.raises(ConfigError, match="raise `ulimit -n` or lower --max-connections"):
+            resolve_max_connections(hard, 128)

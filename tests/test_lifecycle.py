@@ -94,12 +94,12 @@ def test_stalled_engine_makes_health_fail_until_it_recovers(fault_server):
     assert stream.started.wait(30)
     core.suspend()  # alive, but makes no progress
     try:
-        r = wait_for(lambda: (r := httpx.get(url + "/health")).status_code == 503 and r, timeout=6)
+        r = wait_for(lambda: (r := httpx.get(url + "/health", timeout=10)).status_code == 503 and r, timeout=6)
         assert r and r.json() == {"error": "unhealthy", "error_type": "healthcheck"}
         assert r.headers["x-health-problem"] == "engine stalled"
     finally:
         core.resume()
-    assert wait_for(lambda: httpx.get(url + "/health").status_code == 200, timeout=10)
+    assert wait_for(lambda: httpx.get(url + "/health", timeout=10).status_code == 200, timeout=10)
     stream.join(60)
     assert stream.events()[-1]["generated_text"] is not None
 
@@ -113,7 +113,7 @@ def test_killed_engine_fails_requests_and_exits_nonzero(fault_server):
     time.sleep(0.2)
     engine_core(fault_server).kill()
     killed = time.monotonic()
-    assert wait_for(lambda: httpx.get(url + "/health").status_code == 503, timeout=1.0)
+    assert wait_for(lambda: httpx.get(url + "/health", timeout=10).status_code == 503, timeout=1.0)
     assert time.monotonic() - killed < 1.0
     for s in streams + [non_stream]:
         s.join(30)
@@ -122,7 +122,7 @@ def test_killed_engine_fails_requests_and_exits_nonzero(fault_server):
         assert "error_type" in last, s.raw[-400:]
         assert last["error_type"] == "generation" and last["error"].startswith("Request failed during generation: ")
     assert non_stream.status == 424 and json.loads(non_stream.raw)["error_type"] == "generation"
-    r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
+    r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
     assert r.status_code == 424 and r.json()["error"] == "Request failed during generation: the engine is not running"
     # Exits non-zero after the grace period, so an orchestrator restarts it.
     assert fault_server.proc.wait(30) == 1

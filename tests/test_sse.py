@@ -26,7 +26,7 @@ async def endpoint(request):
 
 async def test_framing_and_keep_alive():
     app = Starlette(routes=[Route("/", endpoint)])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as client:
         r = await client.get("/")
     assert r.headers["content-type"] == "text/event-stream"
     assert r.headers["x-accel-buffering"] == "no"

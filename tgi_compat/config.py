@@ -74,6 +74,10 @@ class Config:
     max_images_per_request: int = 8
     max_image_pixels: int = 50_000_000
     image_fetch_allow: tuple[str, ...] = ()
+    # Connection guards (tgi_compat/connection.py).
+    send_timeout: float = 60.0
+    request_read_timeout: float = 60.0
+    max_connections: int | None = None  # None: max(1024, 4 x max_concurrent_requests)
     headless: bool = False  # engines only (data parallel), for a front end on another node
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, as given
     # AsyncEngineArgs fields set by TGI flags (those an explicit vLLM flag also set are left out).

@@ -377,6 +377,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("stay-up-on-engine-failure", "", "keep serving 503s after the engine dies instead of exiting",
          kind="switch", parse=boolean, default=False, origin="ours"),
     Flag("log-level", "", "log level (TGI reads LOG_LEVEL too)", default="info", origin="ours"),
+    Flag("send-timeout", "", "close a connection whose client has acknowledged no byte for this many seconds "
+         "while a response waits; its generation is aborted and its permit released (nginx's send_timeout)",
+         parse=real, default=60.0, origin="ours"),
+    Flag("request-read-timeout", "", "a request's headers and body must arrive within this many seconds of "
+         "its first byte, else 408", parse=real, default=60.0, origin="ours"),
+    Flag("max-connections", "", "open connections before the longest-idle one is closed, or, if none is "
+         "idle, new requests get 503 `overloaded`", parse=usize, default_text="max(1024, 4 x max-concurrent-requests)",
+         origin="ours"),
     Flag("headless", "", "run only this node's data-parallel engines, for a front end on another node "
          "(vLLM's `serve --headless`, with tgi-compat's engine set-up; README, Scaling)", kind="switch",
          parse=boolean, default=False, env=None, origin="ours"),
@@ -559,6 +567,10 @@ def _check_tgi_rules(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise ConfigError("`validation_workers` must be > 0")
     if values["max_concurrent_requests"] == 0:
         raise ConfigError("`max_concurrent_requests` must be > 0")
+    if values["max_connections"] is not None and values["max_connections"] < values["max_concurrent_requests"]:
+        raise ConfigError("`max_connections` must be >= `max_concurrent_requests`")
+    if values["send_timeout"] <= 0 or values["request_read_timeout"] <= 0:
+        raise ConfigError("`send_timeout` and `request_read_timeout` must be > 0")
     for name in ("max_image_fetch_size", "image_fetch_timeout", "max_images_per_request", "max_image_pixels"):
         if values[name] <= 0:
             raise ConfigError(f"`{name}` must be > 0")

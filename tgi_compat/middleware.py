@@ -1,9 +1,13 @@
-"""ASGI middleware that must see the raw request: the payload limit."""
+"""ASGI middleware that must see the raw request: the payload limit (and when the app
+learns of a disconnect, for the dropped-request record)."""
 
 from __future__ import annotations
 
+import time
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tgi_compat.connection import DISCONNECT_SEEN_KEY
 from tgi_compat.errors import BodyError, payload_too_large
 
 
@@ -46,6 +50,8 @@ class PayloadLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise payload_too_large(limit)
+            elif message["type"] == "http.disconnect":
+                scope.setdefault(DISCONNECT_SEEN_KEY, time.monotonic())
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -15,6 +15,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 import tgi_compat
@@ -23,6 +24,7 @@ from tgi_compat.admission import ConcurrencyLimiter
 from tgi_compat.body import parse_json_body
 from tgi_compat.chat_template import ChatTemplate
 from tgi_compat.config import Config, ConfigError
+from tgi_compat.connection import ConnectionGuard, resolve_max_connections
 from tgi_compat.errors import BodyError, TGIError, UnhealthyError
 from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.metrics import TGIMetrics
@@ -244,6 +246,12 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
     async def body_error(request: Request, exc: BodyError) -> Response:
         return exc.response()
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The connection closed before the body arrived (the client left, or the request
+        # read timeout closed it): nothing was admitted, and nobody reads an answer.
+        return Response(status_code=499)
+
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, exc: _Unauthorized) -> Response:
         return Response(status_code=401)
@@ -309,6 +317,11 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
         return Response(orjson.dumps(body), media_type="application/json")
 
     app.state.lifecycle = lifecycle
+    app.state.connections = ConnectionGuard(
+        send_timeout=config.send_timeout,
+        request_read_timeout=config.request_read_timeout,
+        max_connections=config.max_connections or max(1024, 4 * config.max_concurrent_requests),
+    )
     openapi.install(app)
     app.add_middleware(
         CORSMiddleware,
@@ -318,6 +331,20 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
     )
     app.add_middleware(PayloadLimitMiddleware, limit=config.payload_limit)
     return app
+
+
+def connection_metrics(stats) -> str:
+    lines = [
+        "# HELP tgi_compat_connections_open Open HTTP connections.",
+        "# TYPE tgi_compat_connections_open gauge",
+        f"tgi_compat_connections_open {stats.open}",
+        "# HELP tgi_compat_connections_closed Connections closed by a guard: send_timeout (client stopped "
+        "reading), read_timeout (request not received in time), idle_evicted (room made at the connection "
+        "cap), over_capacity (503 at the cap).",
+        "# TYPE tgi_compat_connections_closed counter",
+    ]
+    lines += [f'tgi_compat_connections_closed{{reason="{k}"}} {v}' for k, v in stats.closed.items()]
+    return "\n".join(lines) + "\n"
 
 
 class _Unauthorized(Exception):
@@ -339,6 +366,7 @@ def render_metrics(state) -> bytes:
         "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
         "# TYPE tgi_compat_engine_requests gauge\n"
         f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
+        + connection_metrics(state.connections.stats)
     ).encode() + state.metrics.render_engines()
     # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
     return tgi + b"\n" + own + generate_latest(REGISTRY)
@@ -394,6 +422,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
     # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
     # (Lifecycle ends what is left after --shutdown-timeout with an error event).
     AppStatus.disable_automatic_graceful_drain()
+    config.max_connections = resolve_max_connections(config.max_connections, config.max_concurrent_requests)
     host = bind_host(config.hostname)
     if config.prometheus_port == config.port:
         raise ConfigError(
@@ -409,7 +438,8 @@ def run(config: Config, log_config: dict | None = None) -> int:
             host=host,
             port=config.port,
             loop="uvloop",
-            http="httptools",
+            # httptools, with the connection guards (send/read timeouts, cap, keepalive).
+            http=app.state.connections.protocol_class(),
             log_level=config.log_level,
             log_config=log_config,
             access_log=False,

@@ -221,7 +221,7 @@ def test_metrics_count_chat_requests(http):
 
 
 def test_huggingface_hub_chat_completion(server_url):
-    client = InferenceClient(base_url=server_url)
+    client = InferenceClient(base_url=server_url, timeout=120)
     out = client.chat_completion(HELLO, max_tokens=8, seed=2)
     assert out.choices[0].message.role == "assistant"
     assert out.usage.completion_tokens <= 8
@@ -264,7 +264,7 @@ def test_langchain_json_object_with_schema(http, server_url):
 
 def test_huggingface_hub_async_chat_completion(server_url):
     async def main():
-        client = AsyncInferenceClient(base_url=server_url)
+        client = AsyncInferenceClient(base_url=server_url, timeout=120)
         out = await client.chat_completion(HELLO, max_tokens=8, seed=9)
         stream = await client.chat_completion(HELLO, max_tokens=8, seed=9, stream=True)
         text = "".join([c.choices[0].delta.content async for c in stream])
@@ -275,7 +275,7 @@ def test_huggingface_hub_async_chat_completion(server_url):
 
 
 def test_openai_sdk_chat(server_url):
-    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-")
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-", timeout=120)
     out = client.chat.completions.create(model="tgi", messages=HELLO, max_tokens=8, seed=6)
     assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 8
     stream = client.chat.completions.create(model="tgi", messages=HELLO, max_tokens=8, seed=6, stream=True,

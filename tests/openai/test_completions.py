@@ -97,7 +97,7 @@ def test_invocations_dispatch(http):
 
 
 def test_openai_sdk_completions(server_url):
-    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-")
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-", timeout=120)
     out = client.completions.create(model="tgi", prompt="Once upon", max_tokens=6, temperature=0)
     assert out.choices[0].text and out.usage.completion_tokens <= 6
     chunks = list(client.completions.create(model="tgi", prompt="Once upon", max_tokens=6, temperature=0, stream=True))

@@ -82,7 +82,7 @@ def test_tool_call_stream_deltas_rebuild_the_call(http):
 
 
 def test_openai_sdk_tool_call(server_url):
-    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-")
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-", timeout=120)
     out = client.chat.completions.create(model="tgi", messages=ASK, tools=[WEATHER], tool_choice="required",
                                          max_tokens=100, seed=2)
     call = out.choices[0].message.tool_calls[0]

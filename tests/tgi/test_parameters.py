@@ -27,7 +27,7 @@ PERSON = {"type": "object",
 
 @pytest.fixture(scope="module")
 def client(server_url):
-    return InferenceClient(base_url=server_url)
+    return InferenceClient(base_url=server_url, timeout=120)
 
 
 def generate(client: InferenceClient, prompt: str, **kw):
@@ -191,7 +191,7 @@ def test_watermarked_generations_score_far_above_plain_ones(server_url, http):
     vocab = 1024  # the tiny model's
 
     async def generate_all(watermark: bool):
-        client = AsyncInferenceClient(base_url=server_url)
+        client = AsyncInferenceClient(base_url=server_url, timeout=120)
         return await asyncio.gather(*(
             client.text_generation(p, max_new_tokens=200, do_sample=True, seed=i, watermark=watermark,
                                    details=True, return_full_text=False)
@@ -225,7 +225,7 @@ def test_watermarked_generations_score_far_above_plain_ones(server_url, http):
 
 
 def test_adapter_changes_output_and_each_is_reproducible(lora_server):
-    client = InferenceClient(base_url=lora_server)
+    client = InferenceClient(base_url=lora_server, timeout=120)
     prompts = ["Once upon a time", "The weather today", "def main():"]
     base = [generate(client, p, max_new_tokens=16) for p in prompts]
     lora = [generate(client, p, max_new_tokens=16, adapter_id="tiny-lora") for p in prompts]

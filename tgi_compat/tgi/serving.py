@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tgi_compat.admission import ConcurrencyLimiter, Permit
+from tgi_compat.connection import CLOSED_KEY, DISCONNECT_SEEN_KEY
 from tgi_compat.engine import Engine, is_request_error
 from tgi_compat.images import ImageChunk, ImageFetcher, split_markdown
 from tgi_compat.errors import (
@@ -184,7 +185,7 @@ _ERR_LABELS = {
 class RequestContext:
     """One HTTP generation request: ids, route and timings for logs, metrics and headers."""
 
-    __slots__ = ("id", "engine_id", "route", "start", "enqueued", "input_length", "headers", "trace_headers")
+    __slots__ = ("id", "engine_id", "route", "start", "enqueued", "input_length", "headers", "trace_headers", "scope")
 
     def __init__(self, request: Request, route: str, request_id: str | None = None):
         self.id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -197,6 +198,7 @@ class RequestContext:
         self.headers = {"x-request-id": self.id}
         traceparent = request.headers.get("traceparent")
         self.trace_headers = {"traceparent": traceparent} if traceparent else None
+        self.scope = request.scope  # the connection guards record a close here
 
 
 class Timings:
@@ -304,8 +306,11 @@ class TGIServing:
 
     def _failed(self, r: RequestContext, err: str, status: int, message: str) -> None:
         self.metrics.request_failure.inc(err)
+        now = time.monotonic()
         fields = {"request_id": r.id, "route": r.route, "status": status, "error": err,
-                  "prompt_tokens": r.input_length, "total_ms": int((time.monotonic() - r.start) * 1000)}
+                  "prompt_tokens": r.input_length, "total_ms": int((now - r.start) * 1000)}
+        if err == "dropped":
+            fields.update(_drop_record(r.scope, now))
         logger.info("request failed %s", _kv(fields), extra=fields)
         if self.tracer is not None:
             self.tracer.record(r, None, Timings(r, None, time.monotonic()), error=f"{err}: {message}")
@@ -686,6 +691,22 @@ def _image_token_offsets(inputs, chunks, placeholder, tok, ids, mm_input, add_sp
         i += 1
         j += 1
     return [{"id": tid, "text": tok.token_text(tid), "start": a, "stop": b} for tid, a, b in out]
+
+
+def _drop_record(scope: dict, now: float) -> dict:
+    """Why and when the connection closed, as the connection guards recorded it: ``closed_by``
+    (peer, send_timeout, read_timeout), then ms from the socket's close to the app seeing
+    ``http.disconnect`` and to the engine abort (done by the time this is logged)."""
+    closed = scope.get(CLOSED_KEY)
+    if closed is None:
+        return {"closed_by": "unknown"}
+    why, at = closed
+    seen = scope.get(DISCONNECT_SEEN_KEY)
+    record = {"closed_by": why}
+    if seen is not None:
+        record["disconnect_ms"] = round((seen - at) * 1000, 1)
+    record["abort_ms"] = round((now - at) * 1000, 1)
+    return record
 
 
 def _kv(fields: dict) -> str:
