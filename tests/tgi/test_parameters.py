@@ -126,7 +126,7 @@ def test_best_of_takes_a_permit_per_sequence_and_openai_routes_share_the_cap(htt
     async def main():
         async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as c:
             async def hold():
-                async with c.stream("POST", "/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 400}}) as r:
+                async with c.stream("POST", "/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 1000}}) as r:
                     async for _ in r.aiter_bytes():
                         pass
             holders = [asyncio.ensure_future(hold()) for _ in range(31)]
@@ -145,11 +145,19 @@ def test_best_of_takes_a_permit_per_sequence_and_openai_routes_share_the_cap(htt
             full = [await c.post("/v1/chat/completions", json=chat),
                     await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})]
             stream = await c.post("/v1/chat/completions", json={**chat, "stream": True})
+            # The round counts only if every holder still held its permit throughout.
+            held = not any(h.done() for h in holders)
             await asyncio.gather(*holders)
             one = await c.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}})
-            return two, full, stream, one
+            return held, (two, full, stream, one)
 
-    two, full, stream, one = asyncio.run(main())
+    # On this 2-core box a starved client can see the first holders finish before it has
+    # sent every request: such a round proves nothing and is run again.
+    for _ in range(3):
+        held, (two, full, stream, one) = asyncio.run(main())
+        if held:
+            break
+    assert held, "holders ended before the requests were sent, 3 rounds in a row"
     assert two.status_code == 429 and two.json()["error_type"] == "overloaded"
     for r in full:
         assert r.status_code == 429 and r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
