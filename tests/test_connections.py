@@ -223,7 +223,9 @@ def test_busy_connections_at_the_cap_get_503_overloaded(guarded):
     assert http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
-LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 2000}}
+# As long as the server allows (8192 total): on 2 shared cores a wave of 8 ran 2,000 tokens
+# to their end (6 s) before a starved client had closed its sockets.
+LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8000}}
 
 
 def _generated_tokens(http: httpx.Client) -> float:
@@ -245,7 +247,7 @@ def test_200_disconnects_under_full_load_all_abort(guarded):
             post(s, "/generate_stream" if i % 2 == 0 else "/generate", LONG, rid)
             socks.append((s, i))
             ids.append(rid)
-        wait_for(lambda: metric(http, "tgi_compat_engine_requests") == MAX_CONCURRENT, timeout=30)
+        assert wait_for(lambda: metric(http, "tgi_compat_engine_requests") == MAX_CONCURRENT, timeout=30)
         for s, i in socks:
             if i % 2 == 0:
                 assert s.recv(4096).startswith(b"HTTP/1.1 200")
@@ -254,7 +256,7 @@ def test_200_disconnects_under_full_load_all_abort(guarded):
         assert wait_idle(http, timeout=10) == (0, 0)
     assert dropped(http) - before == total
     # Aborted, not run to the end: far fewer tokens than 200 full generations.
-    assert _generated_tokens(http) - tokens_before < total * LONG["parameters"]["max_new_tokens"] / 10
+    assert _generated_tokens(http) - tokens_before < total * 200
     log = server.log_path.read_bytes()[log_start:].decode(errors="replace")
     records = dict(re.findall(r"request_id=(drop-\d+) .*?error=dropped .*?closed_by=(\w+)", log))
     assert sorted(records) == sorted(ids)
