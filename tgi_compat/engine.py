@@ -1,9 +1,10 @@
 """The engine seam: everything the spec layers know about vLLM lives here.
 
-Spec layers (``tgi_compat.tgi``) hand over token ids and ``SamplingParams`` keyword
-arguments and get ``RequestOutput`` deltas back; they never import vLLM themselves.
-Only vLLM's top-level exports are used where they exist, since internal paths move
-between releases.
+Spec layers (``tgi_compat.tgi``, ``tgi_compat.openai``) hand ``Engine.generate`` one typed
+``EngineRequest`` (prompt ids, ``Sampling``, adapter, structured-output constraint, request
+id) and get vLLM ``RequestOutput`` deltas back; they never import vLLM themselves. Only
+vLLM's top-level exports are used where they exist, since internal paths move between
+releases.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from tgi_compat.tokens import Tokenizer
@@ -20,6 +22,39 @@ from tgi_compat.tokens import Tokenizer
 logger = logging.getLogger("tgi_compat.engine")
 
 GiB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """vLLM ``SamplingParams`` fields, with vLLM's meanings and defaults (temperature 0 is
+    greedy). The engine produces token ids only: detokenization and stop strings are the
+    spec layer's (one event per token, TGI's stop-sequence rules)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top-n alternatives per token (0: the chosen token's only)
+    prompt_logprobs: int | None = None
+    extra_args: dict[str, Any] | None = None  # settings for our logits processors (logits.py)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One generation as the engine runs it: built once by validation, used by every
+    caller (the routes, best_of's sequences, the health probe)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    adapter: str | None = None  # a loaded LoRA adapter's name
+    # ("json", schema) | ("json_object", True) | ("regex", pattern)
+    structured: tuple[str, Any] | None = None
+    # vLLM's processed multimodal prompt from ``Engine.render_images`` (prompt_ids are its ids)
+    mm_input: Any = None
 
 
 def engine_arg_parser():
@@ -256,24 +291,32 @@ class Engine:
             mm_input["prompt_token_ids"] = ids
         return ids, mm_input
 
-    def generate(
-        self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str, mm_input: Any = None
-    ) -> AsyncIterator:
-        """Delta ``RequestOutput``s; closing the iterator aborts the request in the engine.
-
-        ``mm_input``: a prompt from ``render_images`` (then ``prompt_ids`` are its ids)."""
+    def generate(self, req: EngineRequest) -> AsyncIterator:
+        """Delta ``RequestOutput``s; closing the iterator aborts the request in the engine."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        adapter = sampling.pop("adapter", None)
-        structured = sampling.pop("structured", None)
-        if structured is not None:
-            sampling["structured_outputs"] = _structured_outputs(*structured)
-        params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
-        lora = self.adapters[adapter] if adapter is not None else None
+        s = req.sampling
+        params = SamplingParams(
+            output_kind=RequestOutputKind.DELTA,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=s.seed,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logprobs=s.logprobs,
+            prompt_logprobs=s.prompt_logprobs,
+            extra_args=s.extra_args,
+            structured_outputs=_structured_outputs(*req.structured) if req.structured is not None else None,
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+        lora = self.adapters[req.adapter] if req.adapter is not None else None
         # A copy: vLLM stamps the prompt it is given, and best_of sends one prompt several times.
-        prompt = dict(mm_input) if mm_input is not None else {"prompt_token_ids": prompt_ids}
-        return self.llm.generate(prompt, params, request_id, lora_request=lora)
+        prompt = dict(req.mm_input) if req.mm_input is not None else {"prompt_token_ids": req.prompt_ids}
+        return self.llm.generate(prompt, params, req.request_id, lora_request=lora)
 
     async def abort(self, request_id: str | list[str]) -> None:
         await self.llm.abort(request_id)

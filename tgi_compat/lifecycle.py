@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import anyio
 import uvicorn
 
+from tgi_compat.engine import EngineRequest, Sampling
+
 if TYPE_CHECKING:
     from tgi_compat.engine import Engine
 
@@ -121,7 +123,9 @@ class Lifecycle:
 
     async def _probe(self, engine: Engine) -> bool:
         request_id = f"health-{time.monotonic_ns()}"
-        outputs = engine.generate([engine.tokenizer.eos_token_id or 0], {"max_tokens": 1, "temperature": 0.0, "detokenize": False}, request_id)
+        outputs = engine.generate(
+            EngineRequest(request_id, [engine.tokenizer.eos_token_id or 0], Sampling(max_tokens=1))
+        )
         try:
             with anyio.fail_after(self.probe_timeout):
                 async for out in outputs:

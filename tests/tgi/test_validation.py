@@ -6,7 +6,7 @@ import pytest
 
 from tgi_compat.errors import ValidationError
 from tgi_compat.tgi.protocol import GenerateParameters, GenerateRequest
-from tgi_compat.tgi.validation import Limits, check_best_of, check_stream, sampling_kwargs, validate
+from tgi_compat.tgi.validation import Limits, check_best_of, check_stream, validate
 
 LIMITS = Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=99, max_total_tokens=100)
 
@@ -15,8 +15,8 @@ def tokenize(text: str) -> list[int]:
     return [ord(c) for c in text]  # one token per character
 
 
-def run(inputs="hello", **params):
-    return validate(inputs, GenerateParameters(**params), LIMITS, tokenize)
+def run(inputs="hello", stream=False, **params):
+    return validate(inputs, GenerateParameters(**params), LIMITS, tokenize, request_id="r-1", stream=stream)
 
 
 def message(**params) -> str:
@@ -116,11 +116,11 @@ def test_defaults_trap():
 def test_when_sampling_happens(params, sampling):
     v = run(**params)
     assert v.sampling is sampling
-    kw = sampling_kwargs(v, token_logprobs=False)
+    s = v.engine.sampling
     if sampling:
-        assert kw["seed"] == v.seed and kw["temperature"] == v.temperature
+        assert s.seed == v.seed and s.temperature == params.get("temperature", 1.0)
     else:
-        assert kw["temperature"] == 0.0 and "seed" not in kw
+        assert s.temperature == 0.0 and s.seed is None and (s.top_k, s.top_p) == (0, 1.0)
 
 
 def test_seed_kept_or_chosen():
@@ -129,13 +129,25 @@ def test_seed_kept_or_chosen():
     assert len(seeds) > 1 and all(0 <= s < 2**64 for s in seeds)
 
 
-def test_sampling_kwargs_logprobs():
+def test_engine_request_logprobs():
     v = run(top_n_tokens=3, decoder_input_details=True)
-    kw = sampling_kwargs(v, token_logprobs=False)
-    assert kw["logprobs"] == 3 and kw["prompt_logprobs"] == 0
-    assert kw["detokenize"] is False  # the TGI layer decodes per token
-    assert "logprobs" not in sampling_kwargs(run(), token_logprobs=False)
-    assert sampling_kwargs(run(), token_logprobs=True)["logprobs"] == 0
+    assert v.engine.sampling.logprobs == 3 and v.engine.sampling.prompt_logprobs == 0
+    assert v.engine.request_id == "r-1" and v.engine.prompt_ids == v.input_ids == tokenize("hello")
+    assert run().engine.sampling.logprobs is None  # non-stream without details: no logprobs
+    assert run(stream=True).engine.sampling.logprobs == 0  # every streamed token carries its logprob
+    assert run(details=True).engine.sampling.logprobs == 0
+    assert run(best_of=2, do_sample=True).engine.sampling.logprobs == 0  # best_of ranks by them
+
+
+def test_engine_request_carries_tgi_semantics():
+    e = run(temperature=3.0, typical_p=0.5, top_k=7, top_p=0.9, watermark=True, adapter_id=None,
+            grammar={"type": "regex", "value": "a+"}, max_new_tokens=5).engine
+    # vLLM takes temperature <= 2; the rest is divided by our logits processor.
+    assert e.sampling.temperature == 2.0 and e.sampling.extra_args["temperature_scale"] == 1.5
+    # typical_p: our processor applies top-k/top-p in TGI's order, vLLM's are off.
+    assert (e.sampling.top_k, e.sampling.top_p) == (0, 1.0)
+    assert e.sampling.extra_args["typical_top_k"] == 7 and e.sampling.extra_args["watermark"] is True
+    assert e.structured == ("regex", "a+") and e.sampling.max_tokens == 5 and e.adapter is None
 
 
 def test_grammar_refused_when_disabled():

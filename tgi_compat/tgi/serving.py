@@ -47,7 +47,6 @@ from tgi_compat.tgi.validation import (
     check_best_of,
     check_parameters,
     check_stream,
-    sampling_kwargs,
     validate,
 )
 
@@ -252,7 +251,7 @@ class TGIServing:
         best_of = 1 if stream else check_best_of(params, self.limits)
         permit = self.limiter.try_acquire(best_of)
         try:
-            valid = await self._validate(req.inputs, params, add_special_tokens)
+            valid = await self._validate(req.inputs, params, add_special_tokens, r.engine_id, stream)
         except BaseException:
             permit.release()
             raise
@@ -262,15 +261,17 @@ class TGIServing:
         r.enqueued = time.monotonic()
         return permit, valid
 
-    async def _validate(self, inputs: str, params: GenerateParameters, add_special_tokens: bool) -> ValidRequest:
+    async def _validate(
+        self, inputs: str, params: GenerateParameters, add_special_tokens: bool, request_id: str, stream: bool
+    ) -> ValidRequest:
         tok = self.engine.tokenizer
         tokenize = tok.encode if add_special_tokens else tok.encode_no_special
         chunks = split_markdown(inputs) if self.images is not None else None
         if not chunks or all(isinstance(c, str) for c in chunks):
-            return validate(inputs, params, self.limits, tokenize)
+            return validate(inputs, params, self.limits, tokenize, request_id=request_id, stream=stream)
         check_parameters(inputs, params, self.limits)  # TGI's order: these fail before any fetch
         prepared = await self.prepare_images(chunks, tokenize, params.truncate)
-        return validate(inputs, params, self.limits, None, prepared)
+        return validate(inputs, params, self.limits, None, prepared, request_id=request_id, stream=stream)
 
     async def prepare_images(self, chunks: list, tokenize, truncate: int | None) -> tuple[list[int], Any]:
         """TGI's ``prepare_input`` for a multimodal model: the images fetched (all at
@@ -353,7 +354,7 @@ class TGIServing:
                     gen = await self._best_of(valid, r)
                 else:
                     gen = Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
-                    await self._collect(gen, r.engine_id)
+                    await self._collect(gen)
         except TGIError as e:
             self._failed_with(r, e)
             raise
@@ -404,11 +405,10 @@ class TGIServing:
         (the caller holds ``n`` permits); the one with the highest mean token logprob
         wins and the others become ``details.best_of_sequences``."""
         gens = [
-            Generation(replace(valid, seed=random.getrandbits(64)), self.engine,
-                       token_text=valid.details, token_logprobs=True)
-            for _ in range(valid.best_of)
+            Generation(_reseeded(valid, f"{r.engine_id}-{i}"), self.engine, token_text=valid.details, token_logprobs=True)
+            for i in range(valid.best_of)
         ]
-        await all_or_nothing([self._collect(g, f"{r.engine_id}-{i}") for i, g in enumerate(gens)])
+        await all_or_nothing([self._collect(g) for g in gens])
         scores = [sum(lp for lp in g.logprobs if lp is not None) / max(len(g.ids), 1) for g in gens]
         best = max(range(len(gens)), key=lambda i: (scores[i], -i))  # the first of equals, as TGI
         winner = gens[best]
@@ -434,25 +434,23 @@ class TGIServing:
             "x-generated-tokens": str(n),
         }
 
-    async def _collect(self, gen: Generation, request_id: str) -> None:
-        async with aclosing(self._drive(gen, request_id, token_logprobs=gen.want_logprobs)) as steps:
+    async def _collect(self, gen: Generation) -> None:
+        async with aclosing(self._drive(gen)) as steps:
             async for _ in steps:
                 pass
         if gen.finish_reason is None:
             raise IncompleteGenerationError()
 
-    async def _drive(self, gen: Generation, request_id: str, *, token_logprobs: bool) -> AsyncIterator[None]:
+    async def _drive(self, gen: Generation) -> AsyncIterator[None]:
         """Feed engine outputs into ``gen``, yielding after each, until it finishes.
 
         Ends early (without ``finish_reason``) if the engine's stream ends first. The
         engine request is aborted on every exit but a natural finish.
         """
         life = self.lifecycle
+        request_id = gen.valid.engine.request_id
         try:
-            outputs = self.engine.generate(
-                gen.valid.input_ids, sampling_kwargs(gen.valid, token_logprobs=token_logprobs), request_id,
-                gen.valid.mm_input,
-            )
+            outputs = self.engine.generate(gen.valid.engine)
         except Exception as e:  # vLLM refused the sampling parameters outright
             raise ValidationError(str(e) or type(e).__name__) from e
         life.register(request_id, gen)
@@ -515,7 +513,7 @@ class TGIServing:
             sent = 0
             try:
                 # aclosing: the driver's cleanup (abort, unregister) runs when we return.
-                async with aclosing(self._drive(gen, r.engine_id, token_logprobs=True)) as steps:
+                async with aclosing(self._drive(gen)) as steps:
                     async for _ in steps:
                         done = gen.finish_reason is not None
                         if done and not gen.ids:
@@ -610,6 +608,13 @@ class TGIStreamFormat(StreamFormat):
             else None
         )
         return data_frame(orjson.dumps(event))
+
+
+def _reseeded(valid: ValidRequest, request_id: str) -> ValidRequest:
+    """One of best_of's sequences: its own seed and engine request id."""
+    seed = random.getrandbits(64)
+    engine = replace(valid.engine, request_id=request_id, sampling=replace(valid.engine.sampling, seed=seed))
+    return replace(valid, seed=seed, engine=engine)
 
 
 def _best_of_sequence(gen: Generation, prompt: str) -> dict[str, Any]:

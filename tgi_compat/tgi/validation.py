@@ -4,7 +4,8 @@ The order of checks is TGI's, and the first failure wins:
 1. stream-only checks (``check_stream``), 2. ``best_of`` limits (``check_best_of``),
 3. the concurrency permit (taken by the caller), 4. ``validate``.
 Messages are TGI's exactly; ``ValidationError`` adds the ``Input validation error: ``
-prefix.
+prefix. ``validate`` also builds the typed ``EngineRequest`` (TGI's parameters with TGI's
+semantics, in vLLM's terms) that the generation core hands to the engine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import jsonschema
 
+from tgi_compat.engine import EngineRequest, Sampling
 from tgi_compat.errors import ValidationError
 from tgi_compat.tgi.protocol import GenerateParameters, Grammar
 
@@ -38,20 +40,16 @@ class Limits:
     adapters: frozenset[str] = frozenset()  # loaded LoRA adapters (--lora-adapters)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValidRequest:
-    """A validated generation: what the engine needs and what the response reports."""
+    """A validated generation: the engine request, and what the response reports."""
 
+    engine: EngineRequest
     input_ids: list[int]
     input_length: int
     max_new_tokens: int  # what the engine may generate
     max_new_tokens_checked: int  # TGI's `tgi_request_max_new_tokens` (the checked chunk)
     sampling: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
-    frequency_penalty: float
     seed: int  # always chosen; reported only when sampling
     stop: tuple[str, ...]
     top_n_tokens: int
@@ -59,12 +57,7 @@ class ValidRequest:
     decoder_input_details: bool
     # ("json", schema) | ("json_object", True) | ("regex", pattern): vLLM structured outputs
     grammar: tuple[str, Any] | None = None
-    typical_p: float = 1.0
-    watermark: bool = False
-    adapter_id: str | None = None
     best_of: int = 1
-    # vLLM's processed multimodal prompt (images in it; ``input_ids`` are its token ids)
-    mm_input: Any = None
 
 
 def check_stream(params: GenerateParameters) -> None:
@@ -162,9 +155,14 @@ def validate(
     limits: Limits,
     tokenize: Callable[[str], list[int]] | None,
     prepared: tuple[list[int], Any] | None = None,
+    *,
+    request_id: str = "",
+    stream: bool = False,
 ) -> ValidRequest:
-    """``prepared``: (prompt ids, engine multimodal input) already built from images
-    (and truncated) by the caller; ``tokenize`` is then not called."""
+    """TGI's checks, then the request as the engine will run it (``request_id``).
+
+    ``prepared``: (prompt ids, engine multimodal input) already built from images (and
+    truncated) by the caller; ``tokenize`` is then not called."""
     c = check_parameters(inputs, p, limits)
     best_of, temperature, top_k, top_p, typical_p = c["best_of"], c["temperature"], c["top_k"], c["top_p"], c["typical_p"]
     seed = random.getrandbits(64) if p.seed is None else p.seed
@@ -211,28 +209,37 @@ def validate(
 
     # TGI's shard samples when any knob moves away from its neutral value (§2.2).
     sampling = p.do_sample or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
+    details = p.details or p.decoder_input_details
+    # Streamed tokens always carry their logprob; best_of ranks its sequences by them.
+    token_logprobs = stream or details or best_of > 1
+    top_n_tokens = c["top_n_tokens"]
+    engine = EngineRequest(
+        request_id=request_id,
+        prompt_ids=ids,
+        sampling=engine_sampling(
+            max_new_tokens, sampling, temperature, top_k, top_p, typical_p, seed,
+            c["repetition_penalty"], c["frequency_penalty"], p.watermark,
+            top_n_tokens if token_logprobs or top_n_tokens else None,
+            0 if p.decoder_input_details else None,
+        ),
+        adapter=p.adapter_id,
+        structured=grammar,
+        mm_input=mm_input,
+    )
     return ValidRequest(
+        engine=engine,
         input_ids=ids,
         input_length=input_length,
         max_new_tokens=max_new_tokens,
         max_new_tokens_checked=checked,
         sampling=sampling,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=c["repetition_penalty"],
-        frequency_penalty=c["frequency_penalty"],
         seed=seed,
         stop=tuple(p.stop),
-        top_n_tokens=c["top_n_tokens"],
-        details=p.details or p.decoder_input_details,
+        top_n_tokens=top_n_tokens,
+        details=details,
         decoder_input_details=p.decoder_input_details,
         grammar=grammar,
-        typical_p=typical_p,
-        watermark=p.watermark,
-        adapter_id=p.adapter_id,
         best_of=best_of,
-        mm_input=mm_input,
     )
 
 
@@ -264,45 +271,39 @@ def check_grammar(g: Grammar) -> tuple[str, Any]:
     return ("json", schema)
 
 
-def sampling_kwargs(v: ValidRequest, *, token_logprobs: bool) -> dict:
-    """vLLM ``SamplingParams`` keyword arguments with TGI's semantics.
-
-    Detokenization and stop strings are done by the TGI layer (one event per token
-    with that token's own text; stop strings kept and matched at token boundaries),
-    so the engine only produces token ids.
-    """
-    kw: dict = {
-        "max_tokens": v.max_new_tokens,
-        "repetition_penalty": v.repetition_penalty,
-        "frequency_penalty": v.frequency_penalty,
-        "detokenize": False,
-        "skip_special_tokens": False,
-    }
+def engine_sampling(
+    max_new_tokens: int, sampling: bool, temperature: float, top_k: int, top_p: float, typical_p: float,
+    seed: int, repetition_penalty: float, frequency_penalty: float, watermark: bool,
+    logprobs: int | None, prompt_logprobs: int | None,
+) -> Sampling:
+    """vLLM sampling settings with TGI's semantics (greedy unless sampling, TGI's warper
+    order, any positive temperature)."""
     extra: dict[str, Any] = {}
-    if v.sampling:
-        kw.update(temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, seed=v.seed)
-        if v.temperature > VLLM_MAX_TEMPERATURE:
+    if sampling:
+        if temperature > VLLM_MAX_TEMPERATURE:
             # vLLM refuses temperatures above 2; TGI takes any positive one. The rest of
             # the division happens in our logits processor, right after vLLM's.
-            kw["temperature"] = VLLM_MAX_TEMPERATURE
-            extra["temperature_scale"] = v.temperature / VLLM_MAX_TEMPERATURE
-        if v.typical_p < 1.0:
+            extra["temperature_scale"] = temperature / VLLM_MAX_TEMPERATURE
+            temperature = VLLM_MAX_TEMPERATURE
+        if typical_p < 1.0:
             # TGI's warper order is temperature -> top_k -> top_p -> typical_p; vLLM would
             # run its own top-k/top-p after a logits processor, so ours applies them.
-            extra.update(typical_p=v.typical_p, typical_top_k=v.top_k, typical_top_p=v.top_p)
-            kw.update(top_k=0, top_p=1.0)
+            extra.update(typical_p=typical_p, typical_top_k=top_k, typical_top_p=top_p)
+            top_k, top_p = 0, 1.0
     else:
-        kw["temperature"] = 0.0  # vLLM samples at 1.0 by default; TGI decodes greedily
-    if v.watermark:
+        # vLLM samples at 1.0 by default; TGI decodes greedily
+        temperature, top_k, top_p, seed = 0.0, 0, 1.0, None
+    if watermark:
         extra["watermark"] = True
-    if extra:
-        kw["extra_args"] = extra
-    if v.adapter_id is not None:
-        kw["adapter"] = v.adapter_id
-    if v.grammar is not None:
-        kw["structured"] = v.grammar
-    if token_logprobs or v.top_n_tokens:
-        kw["logprobs"] = v.top_n_tokens
-    if v.decoder_input_details:
-        kw["prompt_logprobs"] = 0
-    return kw
+    return Sampling(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        extra_args=extra or None,
+    )
