@@ -318,6 +318,22 @@ class Engine:
         prompt = dict(req.mm_input) if req.mm_input is not None else {"prompt_token_ids": req.prompt_ids}
         return self.llm.generate(prompt, params, req.request_id, lora_request=lora)
 
+    async def warm_up(self) -> None:
+        """Run, before the server is ready, what vLLM compiles lazily on first use, so no
+        user request pays for it: the logprob-rank kernel (``torch.compile`` of
+        ``batched_count_greater_than``, 10-20 s on first use here), for token and prompt
+        logprobs. One small greedy request on the base model per engine (data parallel:
+        vLLM spreads concurrent requests over its engines); the kernel is shared by every
+        adapter and batch size (vLLM marks the batch dimension dynamic)."""
+        prompt = self.tokenizer.encode("warm up")
+
+        async def one(i: int) -> None:
+            req = EngineRequest(f"warm-up-{i}", prompt, Sampling(max_tokens=2, logprobs=1, prompt_logprobs=0))
+            async for _ in self.generate(req):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(self.num_engines)))
+
     async def abort(self, request_id: str | list[str]) -> None:
         await self.llm.abort(request_id)
 

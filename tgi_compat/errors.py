@@ -4,13 +4,19 @@ TGI answers every failure after body parsing with ``{"error": str, "error_type":
 as a JSON response with a status on non-stream routes, and as an in-band SSE ``data:``
 event (HTTP 200) on stream routes. Clients (huggingface_hub, text-generation) branch on
 ``error_type``, so the strings here are TGI's exactly (router/src/infer/mod.rs,
-router/src/server.rs).
+router/src/server.rs). ``install_handlers`` maps every exception a route lets escape
+(ours, a body the extractor refuses, a vanished client, a missing API key, a bug) to HTTP.
 """
 
 from __future__ import annotations
 
+import logging
+
 import orjson
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+
+from tgi_compat.sse import data_frame
 
 
 class TGIError(Exception):
@@ -37,7 +43,7 @@ class TGIError(Exception):
         )
 
     def sse_frame(self) -> bytes:
-        return b"data:" + orjson.dumps(self.body()) + b"\n\n"
+        return data_frame(orjson.dumps(self.body()))
 
 
 class ValidationError(TGIError):
@@ -131,7 +137,7 @@ class RouteError(TGIError):
 def openai_stream_error(e: TGIError) -> bytes:
     """How TGI's OpenAI routes put an error in a stream (``InferError::into_openai_event``):
     OpenAI's ``{"error": {...}}`` shape, always with ``http_status_code`` 422."""
-    return b"data:" + orjson.dumps({"error": {"message": e.message, "http_status_code": 422}}) + b"\n\n"
+    return data_frame(orjson.dumps({"error": {"message": e.message, "http_status_code": 422}}))
 
 
 class BodyError(Exception):
@@ -160,3 +166,46 @@ def json_data_error(detail: str) -> BodyError:
 
 def payload_too_large(limit: int) -> BodyError:
     return BodyError(413, f"Failed to buffer the request body: length limit exceeded ({limit} bytes)")
+
+
+class Unauthorized(Exception):
+    """No or a wrong ``Authorization: Bearer`` for ``--api-key``: 401 with no body, as TGI."""
+
+
+logger = logging.getLogger("tgi_compat")
+
+
+async def _tgi_error(request: Request, exc: TGIError) -> Response:
+    return exc.response()
+
+
+async def _body_error(request: Request, exc: BodyError) -> Response:
+    return exc.response()
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # The connection closed before the body arrived (the client left, or the request
+    # read timeout closed it): nothing was admitted, and nobody reads an answer.
+    return Response(status_code=499)
+
+
+async def _unauthorized(request: Request, exc: Unauthorized) -> Response:
+    return Response(status_code=401)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s", request.url.path)
+    return Response(
+        orjson.dumps({"error": f"Internal error: {type(exc).__name__}", "error_type": "internal"}),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+def install_handlers(app) -> None:
+    """Every exception a route lets escape, answered in TGI's shape."""
+    app.add_exception_handler(TGIError, _tgi_error)
+    app.add_exception_handler(BodyError, _body_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(Exception, _unexpected)

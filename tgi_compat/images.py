@@ -271,3 +271,53 @@ class ImageFetcher:
             return img.convert("RGB")
         except Exception as e:  # truncated or corrupt data
             raise ValidationError(f"invalid image: {e}") from None
+
+
+def image_token_offsets(inputs, chunks, placeholder, tok, ids, mm_input, add_special_tokens) -> list[dict]:
+    """Tokens of an image prompt with byte offsets into the original ``inputs``.
+
+    The placeholder prompt's tokens map back to ``inputs`` through its chunks; each
+    image's span of engine tokens (vLLM's placeholder ranges) replaced one placeholder
+    token and takes the bytes of its markdown."""
+    text_parts, spans = [], []  # spans: (start in placeholder text, end, start in inputs, end, is image)
+    pos = orig = 0
+    for c in chunks:
+        piece = c if isinstance(c, str) else placeholder
+        length_in_inputs = len(c) if isinstance(c, str) else c.end - c.start
+        spans.append((pos, pos + len(piece), orig, orig + length_in_inputs, not isinstance(c, str)))
+        text_parts.append(piece)
+        pos += len(piece)
+        orig += length_in_inputs
+    text = "".join(text_parts)
+    enc = tok.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    byte_pos = [0]
+    for ch in inputs:
+        byte_pos.append(byte_pos[-1] + len(ch.encode("utf-8")))
+
+    def to_inputs(start: int, stop: int) -> tuple[int, int]:
+        for s0, s1, o0, o1, is_image in spans:
+            if s0 <= start < s1 or (start == stop == s1):
+                if is_image:
+                    return byte_pos[o0], byte_pos[o1]
+                return byte_pos[o0 + start - s0], byte_pos[min(o0 + stop - s0, o1)]
+        return byte_pos[-1], byte_pos[-1]
+
+    pre = [to_inputs(a, b) for a, b in enc.offset_mapping]
+    ranges = sorted((p.offset, p.length) for rs in mm_input["mm_placeholders"].values() for p in rs)
+    image_spans = [c for c in chunks if isinstance(c, ImageChunk)]
+    out, i, j = [], 0, 0  # i: engine token, j: placeholder-prompt token
+    for k, (offset, length) in enumerate(ranges):
+        while i < offset and j < len(pre):
+            out.append((ids[i], *pre[j]))
+            i += 1
+            j += 1
+        c = image_spans[k] if k < len(image_spans) else None
+        span = (byte_pos[c.start], byte_pos[c.end]) if c is not None else pre[min(j, len(pre) - 1)]
+        out.extend((ids[i + n], *span) for n in range(length))
+        i += length
+        j += 1  # the placeholder token this image replaced
+    while i < len(ids):
+        out.append((ids[i], *(pre[j] if j < len(pre) else (byte_pos[-1], byte_pos[-1]))))
+        i += 1
+        j += 1
+    return [{"id": tid, "text": tok.token_text(tid), "start": a, "stop": b} for tid, a, b in out]

@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-
 # First description wins, as in metrics-exporter-prometheus.
 HELP = {
     "tgi_request_success": "Number of successful requests",
@@ -136,10 +131,6 @@ class Histogram(_Family):
         state[0][bisect.bisect_left(self.buckets, value)] += 1
         state[1] += value
         state[2] += 1
-
-    def count(self, *labels: str) -> int:
-        state = self.values.get(labels)
-        return state[2] if state else 0
 
     def render(self) -> list[str]:
         lines = []
@@ -260,6 +251,3 @@ class TGIMetrics:
                 lines.extend(family.render())
                 lines.append("")
         return "\n".join(lines).encode()
-
-    def families(self) -> Iterable[_Family]:
-        return self._families

@@ -1,14 +1,30 @@
-"""ASGI middleware that must see the raw request: the payload limit (and when the app
-learns of a disconnect, for the dropped-request record)."""
+"""HTTP plumbing around the routes: the ``--api-key`` check (a route dependency), and ASGI
+middleware that must see the raw request: the payload limit (and when the app learns of
+a disconnect, for the dropped-request record)."""
 
 from __future__ import annotations
 
 import time
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tgi_compat.connection import DISCONNECT_SEEN_KEY
-from tgi_compat.errors import BodyError, payload_too_large
+from tgi_compat.errors import BodyError, Unauthorized, payload_too_large
+
+
+def bearer_auth(api_key: str | None):
+    """The routes' dependency for TGI's ``--api-key``: ``Authorization: Bearer <key>``
+    (compared case-insensitively) or 401."""
+
+    async def auth(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").lower()
+        if given != f"bearer {api_key}".lower():
+            raise Unauthorized()
+
+    return auth
 
 
 class PayloadLimitMiddleware:

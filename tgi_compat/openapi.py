@@ -18,6 +18,12 @@ from tgi_compat.tgi.protocol import ErrorResponse
 _REF = "#/components/schemas/{model}"
 _models: dict[str, type[BaseModel]] = {}
 
+# Example bodies of the generation routes' error statuses, shared by their routers.
+VALIDATION_EXAMPLE = {"error": "Input validation error: `temperature` must be strictly positive", "error_type": "validation"}
+OVERLOADED_EXAMPLE = {"error": "Model is overloaded", "error_type": "overloaded"}
+GENERATION_EXAMPLE = {"error": "Request failed during generation: the engine died", "error_type": "generation"}
+INCOMPLETE_EXAMPLE = {"error": "Incomplete generation", "error_type": "incomplete_generation"}
+
 _BODY_ERRORS = {
     400: "Failed to parse the request body as JSON: expected value at line 1 column 1",
     413: "Failed to buffer the request body: length limit exceeded (2000000 bytes)",

@@ -1,4 +1,10 @@
-"""The HTTP server: app assembly, engine lifecycle, errors mapped to HTTP in one place."""
+"""The HTTP server: app assembly (``create_app``), the engine's life in the app
+(``lifespan``), the sockets and the uvicorn server (``run``).
+
+Routes live in routers (``tgi/api_router.py``, ``openai/api_router.py``,
+``info_router.py``); errors are mapped to HTTP in ``errors.py``; the generation core is
+``tgi/infer.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +14,32 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
-import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 import tgi_compat
 from tgi_compat import openapi
 from tgi_compat.admission import ConcurrencyLimiter
-from tgi_compat.body import parse_json_body
 from tgi_compat.chat_template import ChatTemplate
 from tgi_compat.config import Config, ConfigError
 from tgi_compat.connection import ConnectionGuard, resolve_max_connections
-from tgi_compat.errors import BodyError, TGIError, UnhealthyError
+from tgi_compat.errors import install_handlers
+from tgi_compat.info_router import METRICS_CONTENT_TYPE, render_metrics
+from tgi_compat.info_router import build_router as build_info_router
 from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.metrics import TGIMetrics
-from tgi_compat.middleware import PayloadLimitMiddleware
+from tgi_compat.middleware import PayloadLimitMiddleware, bearer_auth
 from tgi_compat.openai.api_router import build_router as build_openai_router
 from tgi_compat.openai.serving import OpenAIServing
-from tgi_compat.tgi.api_router import build_router
-from tgi_compat.tgi.protocol import ErrorResponse, GenerateRequest, Info
+from tgi_compat.tgi.api_router import build_router as build_tgi_router
+from tgi_compat.tgi.infer import Infer
 from tgi_compat.tgi.serving import TGIServing
 from tgi_compat.tgi.validation import Limits
 
@@ -108,215 +115,32 @@ def _git_sha() -> str | None:
 
 
 def create_app(config: Config, engine=None, metrics_socket: socket.socket | None = None) -> FastAPI:
-    """The ASGI app. The engine is built in the lifespan, so the port opens only once
-    it is ready (TGI's router likewise starts only after the model is warmed up).
-    ``metrics_socket`` (bound to --prometheus-port) serves /metrics' exposition once ready."""
-    lifecycle = Lifecycle(
+    """The ASGI app: routers, error handlers, middleware; the engine and everything over
+    it are built by ``lifespan`` (so the port opens only once the engine is ready, as
+    TGI's router starts only after the model is warmed up). ``engine``: one already
+    built (the caller owns it), e.g. the in-process tests' scripted engine.
+    ``metrics_socket`` (bound to --prometheus-port) serves the exposition once ready."""
+    app = FastAPI(
+        title="tgi-compat",
+        version=tgi_compat.TGI_VERSION,  # TGI's document carries its release too
+        description=f"Text Generation Inference's HTTP API on vLLM ({tgi_compat.version_text()})",
+        lifespan=partial(lifespan, config=config, engine=engine, metrics_socket=metrics_socket),
+        docs_url="/docs",
+        openapi_url="/api-doc/openapi.json",
+        default_response_class=Response,
+    )
+    install_handlers(app)
+    auth = bearer_auth(config.api_key)
+    app.include_router(build_tgi_router(auth))
+    app.include_router(build_openai_router(auth))
+    app.include_router(build_info_router(auth))
+    app.state.lifecycle = Lifecycle(
         shutdown_timeout=config.shutdown_timeout,
         stall_timeout=config.health_stall_timeout,
         probe_timeout=config.health_probe_timeout,
         engine_failure_grace=config.engine_failure_grace,
         stay_up_on_engine_failure=config.stay_up_on_engine_failure,
     )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        nonlocal engine
-        owned = engine is None
-        if engine is None:
-            from tgi_compat.engine import Engine
-
-            engine = Engine(*config_engine_args(config))
-        max_input, max_total = resolve_limits(config, engine.max_model_len)
-        limits = Limits(
-            max_best_of=config.max_best_of,
-            max_stop_sequences=config.max_stop_sequences,
-            max_top_n_tokens=config.max_top_n_tokens,
-            max_input_tokens=max_input,
-            max_total_tokens=max_total,
-            grammar_enabled=not config.disable_grammar_support,
-            adapters=frozenset(getattr(engine, "adapters", {})),
-        )
-        limiter = ConcurrencyLimiter(config.max_concurrent_requests)
-        app.state.engine = engine
-        app.state.limiter = limiter
-        metrics = TGIMetrics(max_input, max_total)
-        metrics.set_engines(getattr(engine, "num_engines", 1), engine.kv_capacity_tokens)
-        engine.on_step = metrics.engine_step
-        app.state.metrics = metrics
-        tracer = None
-        if config.otlp_endpoint:
-            from tgi_compat.tracing import Tracer
-
-            tracer = Tracer(config.otlp_endpoint, config.otlp_service_name)
-        images = None
-        if getattr(engine, "multimodal", False):
-            from tgi_compat.images import FetchPolicy, ImageFetcher
-
-            images = ImageFetcher(FetchPolicy.with_allow(
-                config.image_fetch_allow,
-                max_fetch_size=config.max_image_fetch_size,
-                timeout=config.image_fetch_timeout,
-                # vLLM refuses more than its own per-prompt limit anyway
-                max_images=min(config.max_images_per_request, engine.max_images),
-                max_pixels=config.max_image_pixels,
-            ))
-        app.state.tgi = TGIServing(
-            engine, limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer,
-            images=images,
-        )
-        lifecycle.start(engine)
-        model_id = config.model_id or engine.engine_args.model
-        app.state.info = {
-            "model_id": model_id,
-            "model_sha": None,
-            "model_pipeline_tag": None,
-            "max_concurrent_requests": config.max_concurrent_requests,
-            "max_best_of": config.max_best_of,
-            "max_stop_sequences": config.max_stop_sequences,
-            "max_input_tokens": max_input,
-            "max_total_tokens": max_total,
-            "validation_workers": config.validation_workers,
-            "max_client_batch_size": config.max_client_batch_size,
-            "router": ROUTER_NAME,
-            "version": tgi_compat.TGI_VERSION,  # clients gate features on TGI's release
-            "sha": _git_sha(),
-            "docker_label": None,
-            "tgi_compat_version": tgi_compat.__version__,  # ours; TGI's clients ignore unknown fields
-        }
-        if config.tokenizer_config_path:  # TGI's --tokenizer-config-path: its chat template wins
-            template = ChatTemplate.from_tokenizer_config(config.tokenizer_config_path)
-        else:
-            template = ChatTemplate.from_tokenizer(engine.tokenizer.hf)
-        app.state.openai = OpenAIServing(
-            app.state.tgi,
-            template,
-            model_id=model_id,
-            fingerprint=system_fingerprint(app.state.info),
-            max_client_batch_size=config.max_client_batch_size,
-            adapters=limits.adapters,
-        )
-        # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
-        app.state.full_text_default = app.state.info["model_pipeline_tag"] in (None, "text-generation")
-        logger.info(
-            "ready: %s model=%s max_input_tokens=%d max_total_tokens=%d max_concurrent_requests=%d",
-            tgi_compat.version_text(), model_id, max_input, max_total, config.max_concurrent_requests,
-        )
-        metrics_listener = None
-        if metrics_socket is not None:
-            metrics_listener = await start_metrics_listener(metrics_socket, lambda: render_metrics(app.state))
-        try:
-            yield
-        finally:
-            if metrics_listener is not None:
-                metrics_listener.close()
-            await lifecycle.stop()
-            if images is not None:
-                await images.aclose()
-            if tracer is not None:
-                tracer.shutdown()
-            if owned:
-                try:
-                    engine.shutdown()
-                except Exception:  # a dead engine may fail to shut down cleanly
-                    logger.exception("engine shutdown failed")
-
-    app = FastAPI(
-        title="tgi-compat",
-        version=tgi_compat.TGI_VERSION,  # TGI's document carries its release too
-        description=f"Text Generation Inference's HTTP API on vLLM ({tgi_compat.version_text()})",
-        lifespan=lifespan,
-        docs_url="/docs",
-        openapi_url="/api-doc/openapi.json",
-        default_response_class=Response,
-    )
-
-    async def auth(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "").lower()
-        if given != f"bearer {config.api_key}".lower():
-            raise _Unauthorized()
-
-    @app.exception_handler(TGIError)
-    async def tgi_error(request: Request, exc: TGIError) -> Response:
-        return exc.response()
-
-    @app.exception_handler(BodyError)
-    async def body_error(request: Request, exc: BodyError) -> Response:
-        return exc.response()
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        # The connection closed before the body arrived (the client left, or the request
-        # read timeout closed it): nothing was admitted, and nobody reads an answer.
-        return Response(status_code=499)
-
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(request: Request, exc: _Unauthorized) -> Response:
-        return Response(status_code=401)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unexpected error on %s", request.url.path)
-        return Response(
-            orjson.dumps({"error": f"Internal error: {type(exc).__name__}", "error_type": "internal"}),
-            status_code=500,
-            media_type="application/json",
-        )
-
-    app.include_router(build_router(auth))
-    app.include_router(build_openai_router(auth))
-
-    health_responses = {
-        200: {"description": "Everything is working fine (empty body)"},
-        503: {"description": "Text generation inference is down", "model": ErrorResponse,
-              "content": {"application/json": {"example": UnhealthyError().body()}}},
-    }
-
-    async def health(request: Request) -> Response:
-        problem = await lifecycle.health_problem(request.app.state.engine)
-        if problem is None:
-            return Response(status_code=200)
-        # TGI's body is fixed; the reason goes to the log and a header.
-        return UnhealthyError().response(headers={"x-health-problem": problem})
-
-    for path in ("/health", "/ping"):
-        app.add_api_route(path, health, methods=["GET"], summary="Health check", responses=health_responses, tags=["Text Generation Inference"])
-    app.add_api_route("/", health, methods=["GET"], include_in_schema=False)
-
-    @app.get("/info", summary="Text Generation Inference endpoint info", responses={200: {"model": Info}}, tags=["Text Generation Inference"])
-    async def info(request: Request) -> Response:
-        return Response(orjson.dumps(request.app.state.info), media_type="application/json")
-
-    @app.post(
-        "/tokenize",
-        summary="Tokenize inputs",
-        tags=["Text Generation Inference"],
-        dependencies=[],
-        openapi_extra=openapi.json_body(GenerateRequest),
-        responses=openapi.responses({200: ("Tokenized ids (byte offsets)", list[dict])}, {}),
-    )
-    async def tokenize(request: Request) -> Response:
-        await auth(request)
-        req = await parse_json_body(request, GenerateRequest)
-        try:
-            body = await request.app.state.tgi.tokenize(req.inputs)
-        except TGIError as e:
-            return e.response()
-        return Response(orjson.dumps(body), media_type="application/json")
-
-    @app.get("/metrics", summary="Prometheus metrics", tags=["Text Generation Inference"])
-    async def metrics(request: Request) -> Response:
-        return Response(render_metrics(request.app.state), media_type=METRICS_CONTENT_TYPE)
-
-    @app.get("/v1/models", summary="Served models (OpenAI)", tags=["Text Generation Inference"])
-    async def models(request: Request) -> Response:
-        model_id = request.app.state.info["model_id"]
-        body = {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
-        return Response(orjson.dumps(body), media_type="application/json")
-
-    app.state.lifecycle = lifecycle
     app.state.connections = ConnectionGuard(
         send_timeout=config.send_timeout,
         request_read_timeout=config.request_read_timeout,
@@ -333,43 +157,121 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
     return app
 
 
-def connection_metrics(stats) -> str:
-    lines = [
-        "# HELP tgi_compat_connections_open Open HTTP connections.",
-        "# TYPE tgi_compat_connections_open gauge",
-        f"tgi_compat_connections_open {stats.open}",
-        "# HELP tgi_compat_connections_closed Connections closed by a guard: send_timeout (client stopped "
-        "reading), read_timeout (request not received in time), idle_evicted (room made at the connection "
-        "cap), over_capacity (503 at the cap).",
-        "# TYPE tgi_compat_connections_closed counter",
-    ]
-    lines += [f'tgi_compat_connections_closed{{reason="{k}"}} {v}' for k, v in stats.closed.items()]
-    return "\n".join(lines) + "\n"
+@asynccontextmanager
+async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket: socket.socket | None = None):
+    """Build the engine (unless given) and the serving objects over it, serve, then stop
+    them in reverse order."""
+    owned = engine is None
+    if owned:
+        from tgi_compat.engine import Engine
+
+        engine = Engine(*config_engine_args(config))
+        started = time.monotonic()
+        await engine.warm_up()  # before the port opens: /health is never ready before it
+        logger.info("warm-up done in %.1f s", time.monotonic() - started)
+    state = app.state
+    lifecycle: Lifecycle = state.lifecycle
+    max_input, max_total = resolve_limits(config, engine.max_model_len)
+    limits = Limits(
+        max_best_of=config.max_best_of,
+        max_stop_sequences=config.max_stop_sequences,
+        max_top_n_tokens=config.max_top_n_tokens,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        grammar_enabled=not config.disable_grammar_support,
+        adapters=frozenset(getattr(engine, "adapters", {})),
+    )
+    state.engine = engine
+    state.limiter = ConcurrencyLimiter(config.max_concurrent_requests)
+    state.metrics = metrics = TGIMetrics(max_input, max_total)
+    metrics.set_engines(getattr(engine, "num_engines", 1), engine.kv_capacity_tokens)
+    engine.on_step = metrics.engine_step
+    tracer = None
+    if config.otlp_endpoint:
+        from tgi_compat.tracing import Tracer
+
+        tracer = Tracer(config.otlp_endpoint, config.otlp_service_name)
+    images = _image_fetcher(config, engine)
+    state.infer = Infer(
+        engine, state.limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer,
+        images=images,
+    )
+    lifecycle.start(engine)
+    state.info = info = _info(config, engine, max_input, max_total)
+    # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
+    state.tgi = TGIServing(state.infer, full_text_default=info["model_pipeline_tag"] in (None, "text-generation"))
+    if config.tokenizer_config_path:  # TGI's --tokenizer-config-path: its chat template wins
+        template = ChatTemplate.from_tokenizer_config(config.tokenizer_config_path)
+    else:
+        template = ChatTemplate.from_tokenizer(engine.tokenizer.hf)
+    state.openai = OpenAIServing(
+        state.infer,
+        template,
+        model_id=info["model_id"],
+        fingerprint=system_fingerprint(info),
+        max_client_batch_size=config.max_client_batch_size,
+        adapters=limits.adapters,
+    )
+    logger.info(
+        "ready: %s model=%s max_input_tokens=%d max_total_tokens=%d max_concurrent_requests=%d",
+        tgi_compat.version_text(), info["model_id"], max_input, max_total, config.max_concurrent_requests,
+    )
+    metrics_listener = None
+    if metrics_socket is not None:
+        metrics_listener = await start_metrics_listener(metrics_socket, lambda: render_metrics(state))
+    try:
+        yield
+    finally:
+        if metrics_listener is not None:
+            metrics_listener.close()
+        await lifecycle.stop()
+        if images is not None:
+            await images.aclose()
+        if tracer is not None:
+            tracer.shutdown()
+        if owned:
+            try:
+                engine.shutdown()
+            except Exception:  # a dead engine may fail to shut down cleanly
+                logger.exception("engine shutdown failed")
 
 
-class _Unauthorized(Exception):
-    pass
+def _image_fetcher(config: Config, engine):
+    """The image fetcher of a model that takes images (TGI's `![](url)`), else None."""
+    if not getattr(engine, "multimodal", False):
+        return None
+    from tgi_compat.images import FetchPolicy, ImageFetcher
+
+    return ImageFetcher(FetchPolicy.with_allow(
+        config.image_fetch_allow,
+        max_fetch_size=config.max_image_fetch_size,
+        timeout=config.image_fetch_timeout,
+        # vLLM refuses more than its own per-prompt limit anyway
+        max_images=min(config.max_images_per_request, engine.max_images),
+        max_pixels=config.max_image_pixels,
+    ))
 
 
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
-
-
-def render_metrics(state) -> bytes:
-    """The Prometheus exposition: TGI's series, ours, then vLLM's own."""
-    from prometheus_client import REGISTRY, generate_latest
-
-    tgi = state.metrics.render()
-    own = (
-        "# HELP tgi_compat_permits_in_use Concurrency permits held by generations in flight.\n"
-        "# TYPE tgi_compat_permits_in_use gauge\n"
-        f"tgi_compat_permits_in_use {state.limiter.in_use}\n"
-        "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
-        "# TYPE tgi_compat_engine_requests gauge\n"
-        f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
-        + connection_metrics(state.connections.stats)
-    ).encode() + state.metrics.render_engines()
-    # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
-    return tgi + b"\n" + own + generate_latest(REGISTRY)
+def _info(config: Config, engine, max_input: int, max_total: int) -> dict:
+    """TGI's ``/info`` body."""
+    model_id = config.model_id or engine.engine_args.model
+    return {
+        "model_id": model_id,
+        "model_sha": None,
+        "model_pipeline_tag": None,
+        "max_concurrent_requests": config.max_concurrent_requests,
+        "max_best_of": config.max_best_of,
+        "max_stop_sequences": config.max_stop_sequences,
+        "max_input_tokens": max_input,
+        "max_total_tokens": max_total,
+        "validation_workers": config.validation_workers,
+        "max_client_batch_size": config.max_client_batch_size,
+        "router": ROUTER_NAME,
+        "version": tgi_compat.TGI_VERSION,  # clients gate features on TGI's release
+        "sha": _git_sha(),
+        "docker_label": None,
+        "tgi_compat_version": tgi_compat.__version__,  # ours; TGI's clients ignore unknown fields
+    }
 
 
 async def start_metrics_listener(sock: socket.socket, render) -> asyncio.Server:

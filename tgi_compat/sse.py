@@ -25,8 +25,17 @@ from starlette.types import Send
 KEEP_ALIVE_FRAME = b":\n\n"
 
 
-def data_frame(json_bytes: bytes) -> bytes:
-    return b"data:" + json_bytes + b"\n\n"
+def data_frame(payload: bytes) -> bytes:
+    """One SSE event, as TGI frames it: every ``data:`` frame sent is built here."""
+    return b"data:" + payload + b"\n\n"
+
+
+def frame_template(head: bytes, tail: bytes) -> tuple[bytes, bytes]:
+    """(prefix, suffix) of events whose payload is ``head + <varying JSON> + tail``, built by
+    ``data_frame``: the hot paths pre-encode the constant parts of their events once."""
+    frame = data_frame(head + tail)
+    cut = len(frame) - len(tail) - len(data_frame(b"")) + len(b"data:")
+    return frame[:cut], frame[cut:]
 
 
 class TGIEventStream(EventSourceResponse):

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from tgi_compat.body import parse_json_body, parse_json_body_union
-from tgi_compat.errors import TGIError
 from tgi_compat.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -20,8 +19,14 @@ from tgi_compat.openai.protocol import (
     CompletionRequest,
 )
 from tgi_compat.openai.serving import OpenAIServing
-from tgi_compat.openapi import json_body, responses
-from tgi_compat.tgi.api_router import _GENERATION, _INCOMPLETE, _OVERLOADED, _VALIDATION
+from tgi_compat.openapi import (
+    GENERATION_EXAMPLE as _GENERATION,
+    INCOMPLETE_EXAMPLE as _INCOMPLETE,
+    OVERLOADED_EXAMPLE as _OVERLOADED,
+    VALIDATION_EXAMPLE as _VALIDATION,
+    json_body,
+    responses,
+)
 from tgi_compat.tgi.protocol import CompatGenerateRequest
 
 _TEMPLATE = {"error": "Template error: template not found", "error_type": "template_error"}
@@ -77,10 +82,7 @@ def build_router(auth) -> APIRouter:
     )
     async def chat_tokenize(request: Request) -> Response:
         chat = await parse_json_body(request, ChatRequest)
-        try:
-            return await serving(request).chat_tokenize(chat)
-        except TGIError as e:
-            return e.response()
+        return await serving(request).chat_tokenize(chat)
 
     @router.post(
         "/invocations",
@@ -102,10 +104,6 @@ def build_router(auth) -> APIRouter:
             return await serving(request).chat(req, request, route="/invocations")
         if isinstance(req, CompletionRequest):
             return await serving(request).completions(req, request, route="/invocations")
-        tgi = request.app.state.tgi
-        full_text = request.app.state.full_text_default
-        if req.stream:
-            return tgi.generate_stream(req, request, route="/invocations", full_text_default=full_text)
-        return await tgi.generate(req, request, route="/invocations", full_text_default=full_text, as_list=True)
+        return await request.app.state.tgi.compat(req, request, route="/invocations")
 
     return router

@@ -1,20 +1,19 @@
 """TGI's OpenAI-compatible routes over the same generation core as its native routes.
 
 A chat or completion request becomes one ``GenerateRequest`` per generation (TGI's
-``try_into_generate``) and runs through ``TGIServing.run`` / ``TGIServing.frames``:
-the same admission permits, validation, engine seam, disconnect abort, metrics and
-log lines. Only the shapes of the answers differ, and those live here.
+``try_into_generate``) and runs through ``Infer.run`` / ``Infer.frames`` (tgi/infer.py):
+the same admission permits, validation, engine seam, disconnect abort, metrics and log
+lines. Only the shapes of the answers differ, and those live here: the chat and
+completion bodies, and their stream events (``ChatStreamFormat``, ``CompletionStreamFormat``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,21 +22,15 @@ from tgi_compat.chat_template import ChatTemplate, flatten_message
 from tgi_compat.errors import RouteError, TemplateError, TGIError, ToolError, openai_stream_error
 from tgi_compat.openai import tools as tooling
 from tgi_compat.openai.protocol import ChatRequest, CompletionRequest
-from tgi_compat.sse import TGIEventStream
+from tgi_compat.sse import data_frame, frame_template
+from tgi_compat.tgi.infer import Generation, Infer, RequestContext, StreamFormat, all_or_nothing, merged
 from tgi_compat.tgi.protocol import GenerateParameters, GenerateRequest, Grammar
-from tgi_compat.tgi.serving import (
-    CLIENT_GONE,
-    Generation,
-    RequestContext,
-    StopStream,
-    StreamFormat,
-    TGIServing,
-    all_or_nothing,
-    until_disconnect,
-)
 
 # huggingface_hub compares this line literally, with the space (TGI sends `data:[DONE]`).
-DONE_FRAME = b"data: [DONE]\n\n"
+DONE_FRAME = data_frame(b" [DONE]")
+# Pre-encoded ends of the per-token chat chunks (the JSON between them varies).
+_FRAME_HEAD, _CHOICE_TAIL = frame_template(b"", b'}],"usage":null}')
+_USAGE_TAIL = frame_template(b"", b"}")[1]
 
 _dumps = orjson.dumps
 
@@ -47,14 +40,10 @@ def openai_finish_reason(reason: str) -> str:
     return "stop" if reason == "eos_token" else reason
 
 
-class _NoTool(StopStream):
-    """The model chose ``no_tool``: generate again without tools."""
-
-
 class OpenAIServing:
-    def __init__(self, tgi: TGIServing, template: ChatTemplate | None, *, model_id: str, fingerprint: str,
+    def __init__(self, infer: Infer, template: ChatTemplate | None, *, model_id: str, fingerprint: str,
                  max_client_batch_size: int, adapters: frozenset[str] = frozenset()):
-        self.tgi = tgi
+        self.infer = infer
         self.template = template
         self.model_id = model_id
         self.fingerprint = fingerprint
@@ -138,41 +127,33 @@ class OpenAIServing:
         try:
             gen_req, using_tools = self.chat_request(chat)
         except TGIError as e:
-            self.tgi.reject(r, e)
-            return e.response(headers=r.headers)
+            return self.infer.refuse(r, e)
         if chat.stream:
-            return TGIEventStream(
-                self._chat_frames(chat, gen_req, using_tools, r, request),
-                headers=self.tgi.stream_headers(r, len(gen_req.inputs)),
-                keep_alive=self.tgi.keep_alive,
-            )
-        try:
-            result = await until_disconnect(request, self._chat_run(chat, gen_req, using_tools, r, request))
-        except TGIError as e:
-            return e.response(headers=r.headers)
-        if result is CLIENT_GONE:
-            return Response(status_code=499)
-        gen, t, message = result
-        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
-                                  "finish_reason": openai_finish_reason(gen.finish_reason)}
-        if chat.logprobs:
-            choice["logprobs"] = {"content": [_logprob(gen, i) for i in range(len(gen.ids))]}
-        n = len(gen.ids)
-        body = {
-            "object": "chat.completion",
-            "id": "",
-            "created": int(time.time()),
-            "model": self._model(chat),
-            "system_fingerprint": self.fingerprint,
-            "choices": [choice],
-            "usage": _usage(gen.valid.input_length, n),
-        }
-        headers = {**self.tgi.timing_headers([(gen, t, len(gen_req.inputs))]), **r.headers}
-        return Response(_dumps(body), media_type="application/json", headers=headers)
+            frames = self._chat_frames(chat, gen_req, using_tools, r, request)
+            return self.infer.stream_response(r, frames, len(gen_req.inputs))
+
+        def render(result: tuple) -> tuple[dict, list]:
+            gen, t, message = result
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                      "finish_reason": openai_finish_reason(gen.finish_reason)}
+            if chat.logprobs:
+                choice["logprobs"] = {"content": [_logprob(gen, i) for i in range(len(gen.ids))]}
+            body = {
+                "object": "chat.completion",
+                "id": "",
+                "created": int(time.time()),
+                "model": self._model(chat),
+                "system_fingerprint": self.fingerprint,
+                "choices": [choice],
+                "usage": _usage(gen.valid.input_length, len(gen.ids)),
+            }
+            return body, [(gen, t, len(gen_req.inputs))]
+
+        return await self.infer.respond(request, r, self._chat_run(chat, gen_req, using_tools, r, request), render)
 
     async def _chat_run(self, chat: ChatRequest, gen_req: GenerateRequest, using_tools: bool,
                         r: RequestContext, request: Request):
-        gen, t = await self.tgi.run(gen_req, r, add_special_tokens=False)
+        gen, t = await self.infer.run(gen_req, r, add_special_tokens=False)
         text = gen.generated_text()
         if not using_tools:
             return gen, t, {"role": "assistant", "content": text}
@@ -181,7 +162,7 @@ class OpenAIServing:
             # TGI generates again, without tools, under a new permit.
             gen_req, _ = self.chat_request(chat, with_tools=False)
             r2 = RequestContext(request, r.route, request_id=r.id)
-            gen, t = await self.tgi.run(gen_req, r2, add_special_tokens=False)
+            gen, t = await self.infer.run(gen_req, r2, add_special_tokens=False)
             return gen, t, {"role": "assistant", "content": gen.generated_text()}
         call = {"id": "0", "type": "function",
                 "function": {"description": None, "name": name, "arguments": tooling.compact_json(args)}}
@@ -190,14 +171,13 @@ class OpenAIServing:
     async def _chat_frames(self, chat: ChatRequest, gen_req: GenerateRequest, using_tools: bool,
                            r: RequestContext, request: Request) -> AsyncIterator[bytes]:
         include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-        fmt = ChatStreamFormat(self._model(chat), self.fingerprint, bool(chat.logprobs), include_usage)
-        if using_tools:
-            fmt.start_tools(tooling.next_tool_call_id(chat.messages))
-        try:
-            async with aclosing(self.tgi.frames(gen_req, r, fmt, add_special_tokens=False)) as frames:
-                async for frame in frames:
-                    yield frame
-        except _NoTool:
+        fmt = ChatStreamFormat(self._model(chat), self.fingerprint, bool(chat.logprobs), include_usage,
+                               tool_id=tooling.next_tool_call_id(chat.messages) if using_tools else None)
+        async with aclosing(self.infer.frames(gen_req, r, fmt, add_special_tokens=False)) as frames:
+            async for frame in frames:
+                yield frame
+        if fmt.ended == tooling.NO_TOOL:
+            # The model chose no tool: TGI generates again, without tools, under a new permit.
             try:
                 gen_req, _ = self.chat_request(chat, with_tools=False)
             except TGIError as e:
@@ -205,7 +185,7 @@ class OpenAIServing:
             else:
                 fmt = ChatStreamFormat(self._model(chat), self.fingerprint, bool(chat.logprobs), include_usage)
                 r2 = RequestContext(request, r.route, request_id=r.id)
-                async with aclosing(self.tgi.frames(gen_req, r2, fmt, add_special_tokens=False)) as frames:
+                async with aclosing(self.infer.frames(gen_req, r2, fmt, add_special_tokens=False)) as frames:
                     async for frame in frames:
                         yield frame
         yield DONE_FRAME
@@ -217,46 +197,36 @@ class OpenAIServing:
         try:
             gen_reqs = self.completion_requests(req)
         except TGIError as e:
-            self.tgi.reject(r, e)
-            return e.response(headers=r.headers)
+            return self.infer.refuse(r, e)
         contexts = [r] + [RequestContext(request, route, request_id=r.id) for _ in gen_reqs[1:]]
         if req.stream:
             streams = [
-                self.tgi.frames(g, c, CompletionStreamFormat(i, self.model_id, self.fingerprint))
+                self.infer.frames(g, c, CompletionStreamFormat(i, self.model_id, self.fingerprint))
                 for i, (g, c) in enumerate(zip(gen_reqs, contexts))
             ]
-            return TGIEventStream(
-                _merged(streams, tail=DONE_FRAME),
-                headers=self.tgi.stream_headers(r, sum(len(g.inputs) for g in gen_reqs)),
-                keep_alive=self.tgi.keep_alive,
-            )
-        try:
-            result = await until_disconnect(
-                request, all_or_nothing([self.tgi.run(g, c) for g, c in zip(gen_reqs, contexts)])
-            )
-        except TGIError as e:
-            return e.response(headers=r.headers)
-        if result is CLIENT_GONE:
-            return Response(status_code=499)
-        choices = []
-        prompt_tokens = completion_tokens = 0
-        for i, (gen, _t) in enumerate(result):
-            choices.append({"index": i, "text": gen.generated_text(), "logprobs": None,
-                            "finish_reason": openai_finish_reason(gen.finish_reason)})
-            prompt_tokens += gen.valid.input_length
-            completion_tokens += len(gen.ids)
-        body = {
-            "object": "text_completion",
-            "id": "",
-            "created": int(time.time()),
-            "model": self.model_id,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices,
-            "usage": _usage(prompt_tokens, completion_tokens),
-        }
-        runs = [(gen, t, len(g.inputs)) for (gen, t), g in zip(result, gen_reqs)]
-        headers = {**self.tgi.timing_headers(runs), **r.headers}
-        return Response(_dumps(body), media_type="application/json", headers=headers)
+            return self.infer.stream_response(r, merged(streams, tail=DONE_FRAME), sum(len(g.inputs) for g in gen_reqs))
+
+        def render(result: list) -> tuple[dict, list]:
+            choices = []
+            prompt_tokens = completion_tokens = 0
+            for i, (gen, _t) in enumerate(result):
+                choices.append({"index": i, "text": gen.generated_text(), "logprobs": None,
+                                "finish_reason": openai_finish_reason(gen.finish_reason)})
+                prompt_tokens += gen.valid.input_length
+                completion_tokens += len(gen.ids)
+            body = {
+                "object": "text_completion",
+                "id": "",
+                "created": int(time.time()),
+                "model": self.model_id,
+                "system_fingerprint": self.fingerprint,
+                "choices": choices,
+                "usage": _usage(prompt_tokens, completion_tokens),
+            }
+            return body, [(gen, t, len(g.inputs)) for (gen, t), g in zip(result, gen_reqs)]
+
+        work = all_or_nothing([self.infer.run(g, c) for g, c in zip(gen_reqs, contexts)])
+        return await self.infer.respond(request, r, work, render)
 
     # --- /chat_tokenize ---
 
@@ -264,7 +234,7 @@ class OpenAIServing:
         """The templated prompt and its tokens (with a VLM, its images' tokens too)."""
         gen_req, _ = self.chat_request(chat)
         text = gen_req.inputs
-        body = {"tokenize_response": await self.tgi.tokenize(text, add_special_tokens=False), "templated_text": text}
+        body = {"tokenize_response": await self.infer.tokenize(text, add_special_tokens=False), "templated_text": text}
         return Response(_dumps(body), media_type="application/json")
 
 
@@ -274,40 +244,39 @@ class OpenAIServing:
 class ChatStreamFormat(StreamFormat):
     """``chat.completion.chunk`` events (router/src/chat.rs ``ChatState``): one per
     token, ``content`` "" for special tokens, ``finish_reason`` on the last, then a
-    ``choices: []`` usage chunk when ``stream_options.include_usage``. With tools, the
-    generated call JSON is turned into ``tool_calls`` deltas as TGI does."""
+    ``choices: []`` usage chunk when ``stream_options.include_usage``. With tools
+    (``tool_id`` given), ``tools.ToolCallState`` turns the generated call JSON into
+    ``tool_calls`` deltas as TGI does; when the model chooses ``no_tool`` the format sets
+    ``ended`` and sends nothing more (the route then generates again, without tools)."""
 
-    def __init__(self, model: str, fingerprint: str, logprobs: bool, include_usage: bool):
+    def __init__(self, model: str, fingerprint: str, logprobs: bool, include_usage: bool,
+                 tool_id: str | None = None):
         self.model = model
         self.fingerprint = fingerprint
         self.logprobs = logprobs
         self.include_usage = include_usage
         self._head_second = -1
         self._head = b""
-        self.tools = False
-        self.tool_id = "0"
-        self.tool_state = "buffering"
-        self.tool_text = ""
-
-    def start_tools(self, tool_id: str) -> None:
-        self.tools = True
         self.tool_id = tool_id
+        self.tool_state = tooling.ToolCallState() if tool_id is not None else None
+        self.ended: str | None = None
 
     def _prefix(self) -> bytes:
+        """The event's bytes up to its choices, pre-encoded once per second (``created``)."""
         now = int(time.time())
         if now != self._head_second:
             self._head_second = now
-            self._head = (
-                b'data:{"object":"chat.completion.chunk","id":"","created":' + str(now).encode()
+            self._head = _FRAME_HEAD + (
+                b'{"object":"chat.completion.chunk","id":"","created":' + str(now).encode()
                 + b',"model":' + _dumps(self.model) + b',"system_fingerprint":' + _dumps(self.fingerprint)
                 + b',"choices":['
             )
         return self._head
 
     def _chunk(self, gen: Generation, i: int, finish_reason: str | None) -> bytes:
-        special = gen.ids[i] in gen.special
-        if self.tools:
+        if self.tool_state is not None:
             return self._tool_chunk(gen, i, finish_reason)
+        special = gen.ids[i] in gen.special
         delta = b'{"role":"assistant","content":' + (b'""' if special else _dumps(gen.texts[i])) + b"}"
         return self._frame(gen, i, delta, finish_reason)
 
@@ -315,45 +284,36 @@ class ChatStreamFormat(StreamFormat):
         lp = _dumps({"content": [_logprob(gen, i)]}) if self.logprobs else b"null"
         fr = b"null" if finish_reason is None else _dumps(finish_reason)
         return (self._prefix() + b'{"index":0,"delta":' + delta + b',"logprobs":' + lp
-                + b',"finish_reason":' + fr + b'}],"usage":null}\n\n')
+                + b',"finish_reason":' + fr + _CHOICE_TAIL)
 
     def _tool_chunk(self, gen: Generation, i: int, finish_reason: str | None) -> bytes:
-        text = gen.texts[i]
-        if self.tool_state == "buffering":
-            self.tool_text += text
-            partial = self.tool_text.rstrip(" \t\r\n,}")
-            call = tooling.parse_call(partial + "}}")
-            if call is None:
-                return b""
-            if call[0] == tooling.NO_TOOL:
-                raise _NoTool()
-            self.tool_state = "tool"
-            return self._tool_delta(gen, i, "{", call[0], finish_reason)
-        self.tool_text += text
-        if tooling.parse_call(self.tool_text) is not None:
-            self.tool_state = "buffering"
-            text = text.rstrip()
-            if text.endswith("}"):
-                text = text[:-1]
-        return self._tool_delta(gen, i, text, None, finish_reason)
-
-    def _tool_delta(self, gen: Generation, i: int, arguments: str, name: str | None, finish_reason) -> bytes:
+        event = self.tool_state.push(gen.texts[i])
+        if event is None:  # the function's name is not known yet
+            return b""
+        if event is tooling.NO_TOOL_CHOSEN:
+            self.ended = tooling.NO_TOOL
+            return b""
         if gen.ids[i] in gen.special:
             delta = b'{"role":"assistant","content":""}'
         else:
             delta = _dumps({"role": "assistant", "tool_calls": [{
                 "index": 0, "id": self.tool_id, "type": "function",
-                "function": {"name": name, "arguments": arguments}}]})
+                "function": {"name": event.name, "arguments": event.arguments}}]})
         return self._frame(gen, i, delta, finish_reason)
 
     def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
-        return [self._chunk(gen, i, None) for i in range(start, end)]
+        frames = []
+        for i in range(start, end):
+            frames.append(self._chunk(gen, i, None))
+            if self.ended is not None:
+                break
+        return frames
 
     def final(self, gen: Generation) -> bytes:
         frame = self._chunk(gen, len(gen.ids) - 1, openai_finish_reason(gen.finish_reason))
-        if self.include_usage:
-            frame += (self._prefix() + b'],"usage":' + _dumps(_usage(gen.valid.input_length, len(gen.ids)))
-                      + b"}\n\n")
+        if self.include_usage and self.ended is None:
+            usage = _usage(gen.valid.input_length, len(gen.ids))
+            frame += self._prefix() + b'],"usage":' + _dumps(usage) + _USAGE_TAIL
         return frame
 
     def error(self, e: TGIError) -> bytes:
@@ -372,10 +332,12 @@ class CompletionStreamFormat(StreamFormat):
 
     def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
         created = str(int(time.time())).encode()
-        head = b'data:{"object":"text_completion","id":"","created":' + created + b',"choices":[{"index":' \
-            + str(self.index).encode() + b',"text":'
-        tail = b',"logprobs":null,"finish_reason":""}],"model":' + _dumps(self.model) \
-            + b',"system_fingerprint":' + _dumps(self.fingerprint) + b"}\n\n"
+        head, tail = frame_template(
+            b'{"object":"text_completion","id":"","created":' + created + b',"choices":[{"index":'
+            + str(self.index).encode() + b',"text":',
+            b',"logprobs":null,"finish_reason":""}],"model":' + _dumps(self.model)
+            + b',"system_fingerprint":' + _dumps(self.fingerprint) + b"}",
+        )
         return [head + _dumps(gen.texts[i]) + tail for i in range(start, end)]
 
     def final(self, gen: Generation) -> bytes:
@@ -390,7 +352,7 @@ class CompletionStreamFormat(StreamFormat):
                          "finish_reason": gen.finish_reason}],
             "usage": _usage(gen.valid.input_length, len(gen.ids)),
         }
-        return b"data:" + _dumps(event) + b"\n\n"
+        return data_frame(_dumps(event))
 
     def error(self, e: TGIError) -> bytes:
         return openai_stream_error(e)
@@ -433,35 +395,3 @@ def _dump_calls(calls) -> list[dict] | None:
                                                    "arguments": tooling.compact_json(c.function.arguments)}}
         for c in calls
     ]
-
-
-async def _merged(streams: list[AsyncIterator[bytes]], tail: bytes) -> AsyncIterator[bytes]:
-    """Interleave several frame streams as their frames arrive, then ``tail``.
-
-    Closing this generator (a client disconnect) cancels and closes every stream, so
-    each one's cleanup aborts its engine request and releases its permit.
-    """
-    pending: dict[asyncio.Future, AsyncIterator[bytes]] = {
-        asyncio.ensure_future(anext(s)): s for s in streams
-    }
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                stream = pending.pop(fut)
-                try:
-                    frame = fut.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(anext(stream))] = stream
-                yield frame
-        yield tail
-    finally:
-        # Shielded: on a disconnect this runs inside sse-starlette's cancelled scope.
-        with anyio.CancelScope(shield=True):
-            for fut in pending:
-                fut.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-            for s in streams:
-                await s.aclose()

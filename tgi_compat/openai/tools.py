@@ -4,13 +4,14 @@
 
 The model is made to write ``{"function": {"_name": <tool>, <arguments>...}}``; with
 ``tool_choice: "auto"`` a ``no_tool`` function is offered too, and choosing it makes
-TGI generate again without tools (an ordinary answer).
+TGI generate again without tools (an ordinary answer). ``ToolCallState`` is the stream's
+state machine (TGI's ``ChatState::push``): it returns what each token means as a value.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from tgi_compat.chat_template import compact_json
 from tgi_compat.errors import ToolError
@@ -122,3 +123,57 @@ def next_tool_call_id(messages) -> str:
 
                 return str(uuid.uuid4())
     return str(best)
+
+
+class ToolDelta(NamedTuple):
+    """A piece of the streamed call: the function's name (first delta only) and a piece
+    of its arguments' JSON text."""
+
+    name: str | None
+    arguments: str
+
+
+class NoTool:
+    """The model chose ``no_tool``: the route generates again without tools."""
+
+    def __repr__(self) -> str:
+        return "NO_TOOL_CHOSEN"
+
+
+NO_TOOL_CHOSEN = NoTool()
+
+
+class ToolCallState:
+    """The tool-call JSON of a chat stream, token by token (TGI's ``ChatState`` states
+    Buffering and Tool, router/src/chat.rs).
+
+    ``push(text)`` returns None while the function's name is not known yet (nothing to
+    send), ``NO_TOOL_CHOSEN`` when that name is ``no_tool``, else a ``ToolDelta``: first
+    ``(name, "{")``, then each token's text as an arguments piece. When the call object
+    is complete, its closing ``}`` (the wrapper's) is cut and buffering starts again.
+    """
+
+    __slots__ = ("buffering", "text")
+
+    def __init__(self):
+        self.buffering = True
+        self.text = ""
+
+    def push(self, text: str) -> ToolDelta | NoTool | None:
+        self.text += text
+        if self.buffering:
+            # TGI closes the partial object and tries to parse the name out of it.
+            partial = self.text.rstrip(" \t\r\n,}")
+            call = parse_call(partial + "}}")
+            if call is None:
+                return None
+            if call[0] == NO_TOOL:
+                return NO_TOOL_CHOSEN
+            self.buffering = False
+            return ToolDelta(call[0], "{")
+        if parse_call(self.text) is not None:
+            self.buffering = True
+            text = text.rstrip()
+            if text.endswith("}"):
+                text = text[:-1]
+        return ToolDelta(None, text)

@@ -10,14 +10,16 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from tgi_compat.body import parse_json_body
-from tgi_compat.openapi import json_body, responses
+from tgi_compat.openapi import (
+    GENERATION_EXAMPLE as _GENERATION,
+    INCOMPLETE_EXAMPLE as _INCOMPLETE,
+    OVERLOADED_EXAMPLE as _OVERLOADED,
+    VALIDATION_EXAMPLE as _VALIDATION,
+    json_body,
+    responses,
+)
 from tgi_compat.tgi.protocol import CompatGenerateRequest, GenerateRequest, GenerateResponse, StreamResponse
 from tgi_compat.tgi.serving import TGIServing
-
-_VALIDATION = {"error": "Input validation error: `temperature` must be strictly positive", "error_type": "validation"}
-_OVERLOADED = {"error": "Model is overloaded", "error_type": "overloaded"}
-_GENERATION = {"error": "Request failed during generation: the engine died", "error_type": "generation"}
-_INCOMPLETE = {"error": "Incomplete generation", "error_type": "incomplete_generation"}
 
 _GENERATE_RESPONSES = responses(
     {200: ("Generated text", GenerateResponse)},
@@ -46,7 +48,7 @@ def build_router(auth) -> APIRouter:
     )
     async def generate(request: Request) -> Response:
         req = await parse_json_body(request, GenerateRequest)
-        return await serving(request).generate(req, request, route="/generate", full_text_default=False, as_list=False)
+        return await serving(request).generate(req, request, route="/generate")
 
     @router.post(
         "/generate_stream",
@@ -56,7 +58,7 @@ def build_router(auth) -> APIRouter:
     )
     async def generate_stream(request: Request) -> Response:
         req = await parse_json_body(request, GenerateRequest)
-        return serving(request).generate_stream(req, request, route="/generate_stream", full_text_default=False)
+        return serving(request).generate_stream(req, request, route="/generate_stream")
 
     @router.post(
         "/",
@@ -71,10 +73,6 @@ def build_router(auth) -> APIRouter:
     )
     async def compat_generate(request: Request) -> Response:
         req = await parse_json_body(request, CompatGenerateRequest)
-        tgi = serving(request)
-        full_text = request.app.state.full_text_default
-        if req.stream:
-            return tgi.generate_stream(req, request, route="/", full_text_default=full_text)
-        return await tgi.generate(req, request, route="/", full_text_default=full_text, as_list=True)
+        return await serving(request).compat(req, request, route="/")
 
     return router

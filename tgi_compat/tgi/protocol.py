@@ -215,10 +215,3 @@ class Info(BaseModel):
     sha: str | None
     docker_label: str | None
     tgi_compat_version: str = Field(description="tgi-compat's own version (`version` is the TGI release whose API is served).")
-
-
-# --- dict builders used on the hot path (TGI's field order) ---
-
-
-def token_dict(token_id: int, text: str, logprob: float | None, special: bool) -> dict[str, Any]:
-    return {"id": token_id, "text": text, "logprob": logprob, "special": special}

@@ -1,578 +1,93 @@
-"""TGI's generation routes over the engine seam.
+"""TGI's native generation routes: the shapes of their answers over the generation core.
 
-``TGIServing`` holds the engine and turns one validated request into TGI's responses:
-a ``GenerateResponse`` dict, or a stream of ``StreamResponse`` SSE frames. The per-token
-work (``Generation.absorb``) is plain Python on lists and small dicts; pydantic is
-only used to parse the request.
+``TGIServing`` turns a ``GenerateRequest`` into TGI's ``GenerateResponse`` (a JSON object,
+or a list of one on ``/``) or a stream of ``StreamResponse`` events (``TGIStreamFormat``);
+admission, validation, the engine, outcomes and disconnects are ``tgi/infer.py``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import random
-import logging
-import os
-import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
-import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tgi_compat.admission import ConcurrencyLimiter, Permit
-from tgi_compat.connection import CLOSED_KEY, DISCONNECT_SEEN_KEY
-from tgi_compat.engine import Engine, is_request_error
-from tgi_compat.images import ImageChunk, ImageFetcher, split_markdown
-from tgi_compat.errors import (
-    GenerationError,
-    IncompleteGenerationError,
-    IncompleteGenerationStreamError,
-    ShuttingDownError,
-    TGIError,
-    ValidationError,
-)
-from tgi_compat.lifecycle import Lifecycle
-from tgi_compat.metrics import TGIMetrics
-from tgi_compat.sse import TGIEventStream, data_frame
-from tgi_compat.tgi.protocol import GenerateParameters, GenerateRequest
-from tgi_compat.tgi.validation import (
-    Limits,
-    ValidRequest,
-    check_best_of,
-    check_parameters,
-    check_stream,
-    validate,
-)
-
-logger = logging.getLogger("tgi_compat.tgi")
-
-_ids = itertools.count()
-
-
-def compute_type() -> str:
-    """TGI's ``x-compute-type``: env ``COMPUTE_TYPE``, else TGI's default."""
-    return os.environ.get("COMPUTE_TYPE") or "gpu+optimized"
-
-
-class Generation:
-    """Engine outputs of one request turned into TGI tokens, one entry per token."""
-
-    __slots__ = (
-        "valid", "tok", "special", "ids", "texts", "logprobs", "top", "prefill",
-        "finish_reason", "_stream", "_stops", "_stop_window", "_tail", "_want_lp",
-        "queue_seconds", "abort_reason", "others",
-    )
-
-    def __init__(self, valid: ValidRequest, engine: Engine, *, token_text: bool, token_logprobs: bool):
-        self.valid = valid
-        self.tok = engine.tokenizer
-        self.special = self.tok.special_ids
-        self.ids: list[int] = []
-        self.texts: list[str] = []
-        self.logprobs: list[float | None] = []
-        self.top: list[list[dict]] = []
-        self.prefill: list[dict] | None = None
-        self.finish_reason: str | None = None
-        self._stops = valid.stop
-        # Stop sequences match on decoded text, so they need per-token text too.
-        need_text = token_text or bool(valid.stop)
-        self._stream = self.tok.stream(valid.input_ids) if need_text else None
-        self._stop_window = max((len(s) for s in valid.stop), default=0)
-        self._tail = ""
-        self._want_lp = token_logprobs
-        self.queue_seconds = 0.0
-        self.abort_reason: str | None = None  # set when the server aborts the request
-        self.others: list[Generation] = []  # best_of: the sequences that lost
-
-    @property
-    def want_logprobs(self) -> bool:
-        return self._want_lp
-
-    def absorb(self, out: Any) -> None:
-        """Take one delta ``RequestOutput``; sets ``finish_reason`` when the request is done."""
-        comp = out.outputs[0]
-        lps = comp.logprobs if self._want_lp else None
-        if out.prompt_logprobs is not None and self.prefill is None:
-            self._absorb_prefill(out.prompt_logprobs)
-        stream = self._stream
-        top_n = self.valid.top_n_tokens
-        for i, tid in enumerate(comp.token_ids):
-            self.ids.append(tid)
-            if stream is not None:
-                text = stream.step(tid)
-                self.texts.append(text)
-            if lps is not None:
-                entries = lps[i]
-                chosen = entries.get(tid)
-                self.logprobs.append(chosen.logprob if chosen is not None else None)
-                if top_n:
-                    self.top.append(self._top_tokens(entries, top_n))
-            if self._stops and text:
-                tail = (self._tail + text)[-self._stop_window :]
-                self._tail = tail
-                for s in self._stops:
-                    if tail.endswith(s):
-                        self.finish_reason = "stop_sequence"
-                        return
-        if out.finished:
-            reason = comp.finish_reason
-            if reason == "length":
-                self.finish_reason = "length"
-            elif reason == "stop":
-                # vLLM checks EOS before the length cap; TGI checks length first.
-                self.finish_reason = "length" if len(self.ids) >= self.valid.max_new_tokens else "eos_token"
-            else:  # "abort" or anything unexpected: the request was ended early
-                raise GenerationError(self.abort_reason or f"the engine ended the request ({reason})")
-            metrics = out.metrics
-            if metrics is not None and metrics.scheduled_ts and metrics.queued_ts:
-                self.queue_seconds = max(metrics.scheduled_ts - metrics.queued_ts, 0.0)
-
-    def _top_tokens(self, entries: dict, n: int) -> list[dict]:
-        ranked = sorted(entries.items(), key=lambda kv: kv[1].rank)[:n]
-        return [
-            {"id": tid, "text": self.tok.token_text(tid), "logprob": lp.logprob, "special": tid in self.special}
-            for tid, lp in ranked
-        ]
-
-    def _absorb_prefill(self, prompt_logprobs: list) -> None:
-        prefill = []
-        for tid, entries in zip(self.valid.input_ids, prompt_logprobs):
-            chosen = entries.get(tid) if entries else None
-            prefill.append(
-                {"id": tid, "text": self.tok.token_text(tid), "logprob": chosen.logprob if chosen else None}
-            )
-        self.prefill = prefill
-
-    def token(self, i: int) -> dict:
-        tid = self.ids[i]
-        return {
-            "id": tid,
-            "text": self.texts[i] if self.texts else self.tok.token_text(tid),
-            "logprob": self.logprobs[i] if self.logprobs else None,
-            "special": tid in self.special,
-        }
-
-    def tokens(self) -> list[dict]:
-        return [self.token(i) for i in range(len(self.ids))]
-
-    def generated_text(self) -> str:
-        return self.tok.decode(self.ids, skip_special_tokens=True)
-
-    def reported_seed(self) -> int | None:
-        return self.valid.seed if self.valid.sampling else None
-
-
-_ERR_LABELS = {
-    "validation": "validation",
-    "overloaded": "overloaded",
-    "generation": "generation",
-    "incomplete_generation": "incomplete",
-    "incomplete_generation_stream": "incomplete",
-    "template_error": "template",
-    "tool_error": "tool",
-    "suffix not supported": "validation",
-    "batch size exceeded": "validation",
-}
-
-
-class RequestContext:
-    """One HTTP generation request: ids, route and timings for logs, metrics and headers."""
-
-    __slots__ = ("id", "engine_id", "route", "start", "enqueued", "input_length", "headers", "trace_headers", "scope")
-
-    def __init__(self, request: Request, route: str, request_id: str | None = None):
-        self.id = request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
-        # Engine ids must be unique even when clients reuse an x-request-id.
-        self.engine_id = f"tgi-{next(_ids)}"
-        self.route = route
-        self.start = time.monotonic()
-        self.enqueued = self.start
-        self.input_length = 0
-        self.headers = {"x-request-id": self.id}
-        traceparent = request.headers.get("traceparent")
-        self.trace_headers = {"traceparent": traceparent} if traceparent else None
-        self.scope = request.scope  # the connection guards record a close here
-
-
-class Timings:
-    """TGI's split of a request's time: validation, queue, inference (seconds)."""
-
-    __slots__ = ("total", "validation", "queue", "inference")
-
-    def __init__(self, r: RequestContext, gen: Generation | None, end: float):
-        self.total = end - r.start
-        self.validation = r.enqueued - r.start
-        queue = gen.queue_seconds if gen is not None else 0.0
-        self.queue = min(queue, max(self.total - self.validation, 0.0))
-        self.inference = max(self.total - self.validation - self.queue, 0.0)
+from tgi_compat.sse import data_frame
+from tgi_compat.tgi.infer import Generation, Infer, RequestContext, StreamFormat
+from tgi_compat.tgi.protocol import CompatGenerateRequest, GenerateParameters, GenerateRequest
 
 
 class TGIServing:
-    def __init__(
-        self,
-        engine: Engine,
-        limiter: ConcurrencyLimiter,
-        limits: Limits,
-        lifecycle: Lifecycle,
-        metrics: TGIMetrics,
-        keep_alive: float = 15.0,
-        tracer=None,
-        images: ImageFetcher | None = None,
-    ):
-        self.engine = engine
-        self.limiter = limiter
-        self.limits = limits
-        self.lifecycle = lifecycle
-        self.metrics = metrics
-        self.keep_alive = keep_alive
-        self.tracer = tracer
-        self.compute_type = compute_type()
-        # Set when the model takes images: `![](...)` in inputs are fetched with it.
-        self.images = images if getattr(engine, "multimodal", False) else None
+    """``/generate``, ``/generate_stream`` and ``/`` (also SageMaker's ``/invocations``)."""
 
-    # --- admission and validation (TGI's order, §2.1) ---
-
-    async def _admit(
-        self, req: GenerateRequest, r: RequestContext, *, stream: bool, add_special_tokens: bool = True
-    ) -> tuple[Permit, ValidRequest]:
-        params = req.parameters
-        if self.lifecycle.draining:
-            raise ShuttingDownError()
-        if self.lifecycle.engine_dead or self.engine.errored:  # the watchdog polls; vLLM knows first
-            raise GenerationError("the engine is not running")
-        if stream:
-            check_stream(params)
-        best_of = 1 if stream else check_best_of(params, self.limits)
-        permit = self.limiter.try_acquire(best_of)
-        try:
-            valid = await self._validate(req.inputs, params, add_special_tokens, r.engine_id, stream)
-        except BaseException:
-            permit.release()
-            raise
-        self.metrics.request_input_length.observe(valid.input_length)
-        self.metrics.request_max_new_tokens.observe(valid.max_new_tokens_checked)
-        r.input_length = valid.input_length
-        r.enqueued = time.monotonic()
-        return permit, valid
-
-    async def _validate(
-        self, inputs: str, params: GenerateParameters, add_special_tokens: bool, request_id: str, stream: bool
-    ) -> ValidRequest:
-        tok = self.engine.tokenizer
-        tokenize = tok.encode if add_special_tokens else tok.encode_no_special
-        chunks = split_markdown(inputs) if self.images is not None else None
-        if not chunks or all(isinstance(c, str) for c in chunks):
-            return validate(inputs, params, self.limits, tokenize, request_id=request_id, stream=stream)
-        check_parameters(inputs, params, self.limits)  # TGI's order: these fail before any fetch
-        prepared = await self.prepare_images(chunks, tokenize, params.truncate)
-        return validate(inputs, params, self.limits, None, prepared, request_id=request_id, stream=stream)
-
-    async def prepare_images(self, chunks: list, tokenize, truncate: int | None) -> tuple[list[int], Any]:
-        """TGI's ``prepare_input`` for a multimodal model: the images fetched (all at
-        once), the text tokenized with the model's placeholder for each image, and vLLM's
-        processor run on both, so the ids count the image tokens as the engine does."""
-        images = await self.images.load_all([c.url for c in chunks if isinstance(c, ImageChunk)])
-        placeholder = self.engine.image_placeholder
-        text = "".join(c if isinstance(c, str) else placeholder for c in chunks)
-        try:
-            ids = tokenize(text)
-        except Exception as e:
-            raise ValidationError(f"tokenizer error {e}") from e
-        try:
-            return await self.engine.render_images(ids, images, truncate)
-        except ValueError as e:
-            raise ValidationError(str(e)) from e
-
-    async def tokenize(self, inputs: str, add_special_tokens: bool = True) -> list[dict]:
-        """/tokenize: ``[{"id", "text", "start", "stop"}]`` with byte offsets into ``inputs``.
-
-        With images (multimodal model), the ids are the engine's, image tokens included;
-        each image's tokens carry the span of its ``![](...)`` markdown.
-        """
-        tok = self.engine.tokenizer
-        chunks = split_markdown(inputs) if self.images is not None else None
-        if not chunks or all(isinstance(c, str) for c in chunks):
-            return [{"id": i, "text": t, "start": s, "stop": e} for i, t, s, e in tok.offsets(inputs, add_special_tokens)]
-        tokenize = tok.encode if add_special_tokens else tok.encode_no_special
-        ids, mm_input = await self.prepare_images(chunks, tokenize, None)
-        return _image_token_offsets(inputs, chunks, self.engine.image_placeholder, tok, ids, mm_input, add_special_tokens)
-
-    # --- outcomes: one log line and the metrics per finished request ---
-
-    def _failed(self, r: RequestContext, err: str, status: int, message: str) -> None:
-        self.metrics.request_failure.inc(err)
-        now = time.monotonic()
-        fields = {"request_id": r.id, "route": r.route, "status": status, "error": err,
-                  "prompt_tokens": r.input_length, "total_ms": int((now - r.start) * 1000)}
-        if err == "dropped":
-            fields.update(_drop_record(r.scope, now))
-        logger.info("request failed %s", _kv(fields), extra=fields)
-        if self.tracer is not None:
-            self.tracer.record(r, None, Timings(r, None, time.monotonic()), error=f"{err}: {message}")
-
-    def reject(self, r: RequestContext, e: TGIError) -> None:
-        """A request refused before it reached admission (a chat template that fails)."""
-        self.metrics.request_count.inc()
-        self._failed_with(r, e)
-
-    def _failed_with(self, r: RequestContext, e: TGIError) -> None:
-        self._failed(r, _ERR_LABELS.get(e.error_type, e.error_type), e.status_code, e.message)
-
-    def _succeeded(self, r: RequestContext, gen: Generation, t: Timings) -> None:
-        n = len(gen.ids)
-        self.metrics.success(validation=t.validation, queue=t.queue, inference=t.inference, total=t.total, generated=n)
-        fields = {
-            "request_id": r.id, "route": r.route, "status": 200, "prompt_tokens": r.input_length,
-            "generated_tokens": n, "finish_reason": gen.finish_reason,
-            "validation_ms": int(t.validation * 1000), "queue_ms": int(t.queue * 1000),
-            "inference_ms": int(t.inference * 1000), "total_ms": int(t.total * 1000),
-        }
-        logger.info("request finished %s", _kv(fields), extra=fields)
-        if self.tracer is not None:
-            self.tracer.record(r, gen, t)
-
-    # --- non-stream ---
-
-    async def run(self, req: GenerateRequest, r: RequestContext, *, add_special_tokens: bool = True) -> tuple[Generation, Timings]:
-        """One whole generation: admission, validation, engine, metrics and log line.
-
-        Raises ``TGIError`` (already counted and logged); on cancellation (the client
-        left) the generation is aborted and counted as ``dropped``. Every route that
-        returns a finished generation (TGI's, OpenAI's) goes through here.
-        """
-        self.metrics.request_count.inc()
-        try:
-            permit, valid = await self._admit(req, r, stream=False, add_special_tokens=add_special_tokens)
-            with permit:
-                if valid.best_of > 1:
-                    gen = await self._best_of(valid, r)
-                else:
-                    gen = Generation(valid, self.engine, token_text=valid.details, token_logprobs=valid.details)
-                    await self._collect(gen)
-        except TGIError as e:
-            self._failed_with(r, e)
-            raise
-        except asyncio.CancelledError:
-            self._failed(r, "dropped", 499, "client disconnected")
-            raise
-        t = Timings(r, gen, time.monotonic())
-        self._succeeded(r, gen, t)
-        return gen, t
+    def __init__(self, infer: Infer, full_text_default: bool):
+        self.infer = infer
+        # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
+        self.full_text_default = full_text_default
 
     async def generate(
-        self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool, as_list: bool
+        self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool = False,
+        as_list: bool = False,
     ) -> Response:
         r = RequestContext(request, route)
-        try:
-            result = await until_disconnect(request, self.run(req, r))
-        except TGIError as e:
-            return e.response(headers=r.headers)
-        if result is CLIENT_GONE:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        gen, t = result
-        valid = gen.valid
+        full_text = _full_text(req.parameters, full_text_default)
 
-        text = gen.generated_text()
-        if _full_text(req.parameters, full_text_default):
-            text = req.inputs + text
-        body: dict[str, Any] = {"generated_text": text}
-        if valid.details:
-            details: dict[str, Any] = {
-                "finish_reason": gen.finish_reason,
-                "generated_tokens": len(gen.ids),
-                "seed": gen.reported_seed(),
-                "prefill": gen.prefill or [],
-                "tokens": gen.tokens(),
-            }
-            if gen.others:
-                prompt = req.inputs if _full_text(req.parameters, full_text_default) else ""
-                details["best_of_sequences"] = [_best_of_sequence(o, prompt) for o in gen.others]
-            if valid.top_n_tokens:
-                details["top_tokens"] = gen.top
-            body["details"] = details
-        headers = {**self.timing_headers([(gen, t, len(req.inputs))]), **r.headers}
-        payload = orjson.dumps([body] if as_list else body)
-        return Response(payload, media_type="application/json", headers=headers)
+        def render(result: tuple) -> tuple[Any, list]:
+            gen, t = result
+            body = _generate_response(req, gen, full_text)
+            return ([body] if as_list else body), [(gen, t, len(req.inputs))]
 
-    async def _best_of(self, valid: ValidRequest, r: RequestContext) -> Generation:
-        """TGI's best_of: ``n`` sampled generations, each with its own seed, run together
-        (the caller holds ``n`` permits); the one with the highest mean token logprob
-        wins and the others become ``details.best_of_sequences``."""
-        gens = [
-            Generation(_reseeded(valid, f"{r.engine_id}-{i}"), self.engine, token_text=valid.details, token_logprobs=True)
-            for i in range(valid.best_of)
-        ]
-        await all_or_nothing([self._collect(g) for g in gens])
-        scores = [sum(lp for lp in g.logprobs if lp is not None) / max(len(g.ids), 1) for g in gens]
-        best = max(range(len(gens)), key=lambda i: (scores[i], -i))  # the first of equals, as TGI
-        winner = gens[best]
-        winner.others = [g for i, g in enumerate(gens) if i != best]
-        return winner
+        return await self.infer.respond(request, r, self.infer.run(req, r), render)
 
-    def timing_headers(self, runs: list[tuple[Generation, Timings, int]]) -> dict[str, str]:
-        """TGI's §6 headers for finished generations (summed over several, as TGI's
-        /v1/completions does for a list of prompts)."""
-        total = sum(t.total for _, t, _ in runs)
-        inference = sum(t.inference for _, t, _ in runs)
-        n = sum(len(g.ids) for g, _, _ in runs)
-        return {
-            "x-compute-type": self.compute_type,
-            "x-compute-characters": str(sum(c for _, _, c in runs)),
-            "x-compute-time": f"{total:.6f}",
-            "x-total-time": str(int(total * 1000)),
-            "x-validation-time": str(int(sum(t.validation for _, t, _ in runs) * 1000)),
-            "x-queue-time": str(int(sum(t.queue for _, t, _ in runs) * 1000)),
-            "x-inference-time": str(int(inference * 1000)),
-            "x-time-per-token": str(int(inference * 1000 / n) if n else 0),
-            "x-prompt-tokens": str(sum(g.valid.input_length for g, _, _ in runs)),
-            "x-generated-tokens": str(n),
-        }
-
-    async def _collect(self, gen: Generation) -> None:
-        async with aclosing(self._drive(gen)) as steps:
-            async for _ in steps:
-                pass
-        if gen.finish_reason is None:
-            raise IncompleteGenerationError()
-
-    async def _drive(self, gen: Generation) -> AsyncIterator[None]:
-        """Feed engine outputs into ``gen``, yielding after each, until it finishes.
-
-        Ends early (without ``finish_reason``) if the engine's stream ends first. The
-        engine request is aborted on every exit but a natural finish.
-        """
-        life = self.lifecycle
-        request_id = gen.valid.engine.request_id
-        try:
-            outputs = self.engine.generate(gen.valid.engine)
-        except Exception as e:  # vLLM refused the sampling parameters outright
-            raise ValidationError(str(e) or type(e).__name__) from e
-        life.register(request_id, gen)
-        try:
-            async for out in outputs:
-                life.last_progress = time.monotonic()
-                gen.absorb(out)
-                yield
-                if gen.finish_reason is not None:
-                    return
-        except TGIError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # EngineDeadError, EngineGenerateError, a rejected request...
-            cause = e.__cause__ or e
-            message = str(cause) or type(cause).__name__
-            if not gen.ids and is_request_error(cause):
-                # vLLM refused the request when it was added: a grammar it cannot compile...
-                if gen.valid.grammar is not None:
-                    message = f"grammar is not valid: {message}"
-                raise ValidationError(message) from e
-            life.generation_healthy = False
-            logger.warning("engine failure on %s: %s: %s", request_id, type(cause).__name__, message)
-            raise GenerationError(message) from e
-        finally:
-            life.unregister(request_id)
-            await _close(outputs, self.engine, request_id, gen.finish_reason)
-
-    # --- stream ---
-
-    def stream_headers(self, r: RequestContext, characters: int) -> dict[str, str]:
-        return {"x-compute-type": self.compute_type, "x-compute-characters": str(characters), **r.headers}
-
-    def generate_stream(self, req: GenerateRequest, request: Request, *, route: str, full_text_default: bool) -> Response:
+    def generate_stream(self, req: GenerateRequest, request: Request, *, route: str,
+                        full_text_default: bool = False) -> Response:
         r = RequestContext(request, route)
-        fmt = TGIStreamFormat(req, full_text_default)
-        return TGIEventStream(
-            self.frames(req, r, fmt), headers=self.stream_headers(r, len(req.inputs)), keep_alive=self.keep_alive
-        )
+        prefix = req.inputs if _full_text(req.parameters, full_text_default) else ""
+        fmt = TGIStreamFormat(prefix, bool(req.parameters.details))
+        return self.infer.stream_response(r, self.infer.frames(req, r, fmt), len(req.inputs))
 
-    async def frames(
-        self, req: GenerateRequest, r: RequestContext, fmt: StreamFormat, *, add_special_tokens: bool = True
-    ) -> AsyncIterator[bytes]:
-        """SSE frames of one streamed generation, one event per token, shaped by ``fmt``.
-
-        Admission, validation, disconnect abort, metrics and logs are the same for
-        every streaming route; only the event shapes differ.
-        """
-        self.metrics.request_count.inc()
-        try:
-            permit, valid = await self._admit(req, r, stream=True, add_special_tokens=add_special_tokens)
-        except TGIError as e:
-            self._failed_with(r, e)
-            yield fmt.error(e)
-            return
-        finished = False
-        with permit:
-            gen = Generation(valid, self.engine, token_text=True, token_logprobs=True)
-            sent = 0
-            try:
-                # aclosing: the driver's cleanup (abort, unregister) runs when we return.
-                async with aclosing(self._drive(gen)) as steps:
-                    async for _ in steps:
-                        done = gen.finish_reason is not None
-                        if done and not gen.ids:
-                            break
-                        last = len(gen.ids) - 1 if done else len(gen.ids)
-                        frames = fmt.tokens(gen, sent, last) if last > sent else []
-                        sent = max(last, sent)
-                        if done:
-                            frames.append(fmt.final(gen))
-                            finished = True
-                            self._succeeded(r, gen, Timings(r, gen, time.monotonic()))
-                            yield b"".join(frames)
-                            return
-                        if frames:
-                            # Tokens that arrived together go out in one write, one event each.
-                            yield b"".join(frames)
-                error = IncompleteGenerationStreamError()
-                self._failed_with(r, error)
-                finished = True
-                yield fmt.error(error)
-            except TGIError as e:
-                self._failed_with(r, e)
-                finished = True
-                yield fmt.error(e)
-            except StopStream:
-                finished = True  # the route ends this generation itself (and starts another)
-                raise
-            finally:
-                if not finished:  # the client went away mid-stream
-                    self._failed(r, "dropped", 499, "client disconnected")
+    async def compat(self, req: CompatGenerateRequest, request: Request, *, route: str) -> Response:
+        """``/`` (and ``/invocations`` with ``inputs``): a stream or a list of one answer."""
+        if req.stream:
+            return self.generate_stream(req, request, route=route, full_text_default=self.full_text_default)
+        return await self.generate(req, request, route=route, full_text_default=self.full_text_default, as_list=True)
 
 
-class StopStream(Exception):
-    """Raised by a ``StreamFormat`` to end its generation early, without an error event
-    (TGI's chat stream does this when the model picks ``no_tool``)."""
-
-
-class StreamFormat:
-    """The event shapes of one streaming route. ``tokens`` gives the frames of the
-    intermediate tokens ``start..end-1``, ``final`` the last token's frame(s)."""
-
-    def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
-        raise NotImplementedError
-
-    def final(self, gen: Generation) -> bytes:
-        raise NotImplementedError
-
-    def error(self, e: TGIError) -> bytes:
-        return e.sse_frame()
+def _generate_response(req: GenerateRequest, gen: Generation, full_text: bool) -> dict[str, Any]:
+    """TGI's ``GenerateResponse`` (§2.3)."""
+    valid = gen.valid
+    text = gen.generated_text()
+    if full_text:
+        text = req.inputs + text
+    body: dict[str, Any] = {"generated_text": text}
+    if valid.details:
+        details: dict[str, Any] = {
+            "finish_reason": gen.finish_reason,
+            "generated_tokens": len(gen.ids),
+            "seed": gen.reported_seed(),
+            "prefill": gen.prefill or [],
+            "tokens": gen.tokens(),
+        }
+        if gen.others:
+            prompt = req.inputs if full_text else ""
+            details["best_of_sequences"] = [_best_of_sequence(o, prompt) for o in gen.others]
+        if valid.top_n_tokens:
+            details["top_tokens"] = gen.top
+        body["details"] = details
+    return body
 
 
 class TGIStreamFormat(StreamFormat):
-    """TGI's ``StreamResponse`` events (§3.1)."""
+    """TGI's ``StreamResponse`` events (§3.1): one per token, ``generated_text`` and
+    ``details`` on the last. Built from what the request settled up front (the prompt
+    prefix of ``return_full_text``, whether ``details`` were asked for)."""
 
-    __slots__ = ("req", "full_text_default")
+    __slots__ = ("text_prefix", "details")
 
-    def __init__(self, req: GenerateRequest, full_text_default: bool):
-        self.req = req
-        self.full_text_default = full_text_default
+    def __init__(self, text_prefix: str, details: bool):
+        self.text_prefix = text_prefix
+        self.details = details
 
     def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
         dumps = orjson.dumps
@@ -584,19 +99,15 @@ class TGIStreamFormat(StreamFormat):
                 event["top_tokens"] = gen.top[i]
             event["generated_text"] = None
             event["details"] = None
-            frames.append(b"data:" + dumps(event) + b"\n\n")
+            frames.append(data_frame(dumps(event)))
         return frames
 
     def final(self, gen: Generation) -> bytes:
-        req = self.req
         i = len(gen.ids) - 1
-        text = gen.generated_text()
-        if _full_text(req.parameters, self.full_text_default):
-            text = req.inputs + text
         event: dict[str, Any] = {"index": i + 1, "token": gen.token(i)}
         if gen.valid.top_n_tokens:
             event["top_tokens"] = gen.top[i]
-        event["generated_text"] = text
+        event["generated_text"] = self.text_prefix + gen.generated_text()
         event["details"] = (
             {
                 "finish_reason": gen.finish_reason,
@@ -604,17 +115,10 @@ class TGIStreamFormat(StreamFormat):
                 "seed": gen.reported_seed(),
                 "input_length": gen.valid.input_length,
             }
-            if req.parameters.details
+            if self.details
             else None
         )
         return data_frame(orjson.dumps(event))
-
-
-def _reseeded(valid: ValidRequest, request_id: str) -> ValidRequest:
-    """One of best_of's sequences: its own seed and engine request id."""
-    seed = random.getrandbits(64)
-    engine = replace(valid.engine, request_id=request_id, sampling=replace(valid.engine.sampling, seed=seed))
-    return replace(valid, seed=seed, engine=engine)
 
 
 def _best_of_sequence(gen: Generation, prompt: str) -> dict[str, Any]:
@@ -631,140 +135,5 @@ def _best_of_sequence(gen: Generation, prompt: str) -> dict[str, Any]:
     return seq
 
 
-async def all_or_nothing(coros: list) -> list:
-    """Results in order; the first failure cancels the rest (TGI's ``try_join_all``)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                raise t.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _image_token_offsets(inputs, chunks, placeholder, tok, ids, mm_input, add_special_tokens) -> list[dict]:
-    """Tokens of an image prompt with byte offsets into the original ``inputs``.
-
-    The placeholder prompt's tokens map back to ``inputs`` through its chunks; each
-    image's span of engine tokens (vLLM's placeholder ranges) replaced one placeholder
-    token and takes the bytes of its markdown."""
-    text_parts, spans = [], []  # spans: (start in placeholder text, end, start in inputs, end, is image)
-    pos = orig = 0
-    for c in chunks:
-        piece = c if isinstance(c, str) else placeholder
-        length_in_inputs = len(c) if isinstance(c, str) else c.end - c.start
-        spans.append((pos, pos + len(piece), orig, orig + length_in_inputs, not isinstance(c, str)))
-        text_parts.append(piece)
-        pos += len(piece)
-        orig += length_in_inputs
-    text = "".join(text_parts)
-    enc = tok.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    byte_pos = [0]
-    for ch in inputs:
-        byte_pos.append(byte_pos[-1] + len(ch.encode("utf-8")))
-
-    def to_inputs(start: int, stop: int) -> tuple[int, int]:
-        for s0, s1, o0, o1, is_image in spans:
-            if s0 <= start < s1 or (start == stop == s1):
-                if is_image:
-                    return byte_pos[o0], byte_pos[o1]
-                return byte_pos[o0 + start - s0], byte_pos[min(o0 + stop - s0, o1)]
-        return byte_pos[-1], byte_pos[-1]
-
-    pre = [to_inputs(a, b) for a, b in enc.offset_mapping]
-    ranges = sorted((p.offset, p.length) for rs in mm_input["mm_placeholders"].values() for p in rs)
-    image_spans = [c for c in chunks if isinstance(c, ImageChunk)]
-    out, i, j = [], 0, 0  # i: engine token, j: placeholder-prompt token
-    for k, (offset, length) in enumerate(ranges):
-        while i < offset and j < len(pre):
-            out.append((ids[i], *pre[j]))
-            i += 1
-            j += 1
-        c = image_spans[k] if k < len(image_spans) else None
-        span = (byte_pos[c.start], byte_pos[c.end]) if c is not None else pre[min(j, len(pre) - 1)]
-        out.extend((ids[i + n], *span) for n in range(length))
-        i += length
-        j += 1  # the placeholder token this image replaced
-    while i < len(ids):
-        out.append((ids[i], *(pre[j] if j < len(pre) else (byte_pos[-1], byte_pos[-1]))))
-        i += 1
-        j += 1
-    return [{"id": tid, "text": tok.token_text(tid), "start": a, "stop": b} for tid, a, b in out]
-
-
-def _drop_record(scope: dict, now: float) -> dict:
-    """Why and when the connection closed, as the connection guards recorded it: ``closed_by``
-    (peer, send_timeout, read_timeout), then ms from the socket's close to the app seeing
-    ``http.disconnect`` and to the engine abort (done by the time this is logged)."""
-    closed = scope.get(CLOSED_KEY)
-    if closed is None:
-        return {"closed_by": "unknown"}
-    why, at = closed
-    seen = scope.get(DISCONNECT_SEEN_KEY)
-    record = {"closed_by": why}
-    if seen is not None:
-        record["disconnect_ms"] = round((seen - at) * 1000, 1)
-    record["abort_ms"] = round((now - at) * 1000, 1)
-    return record
-
-
-def _kv(fields: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in fields.items())
-
-
 def _full_text(params: GenerateParameters, default: bool) -> bool:
     return default if params.return_full_text is None else params.return_full_text
-
-
-async def _close(outputs: AsyncIterator, engine: Engine, request_id: str, finish_reason: str | None) -> None:
-    """Stop the engine request unless it finished: a stop sequence, an error or a disconnect.
-
-    Shielded: on a client disconnect this runs inside a cancelled anyio scope, where
-    any unshielded await would be cancelled again before the abort reaches the engine.
-    """
-    with anyio.move_on_after(10, shield=True):
-        try:
-            await outputs.aclose()
-        finally:
-            if finish_reason not in ("length", "eos_token") and not engine.errored:
-                await engine.abort(request_id)
-
-
-CLIENT_GONE = object()
-
-
-async def until_disconnect(request: Request, work):
-    """Await ``work``; if the client goes away first, cancel it (which aborts its engine
-    requests) and return ``CLIENT_GONE``.
-
-    Starlette does not cancel a non-stream handler when its client disconnects, so the
-    handler watches the connection itself.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:
-                pass
-        watcher.cancel()
-    if task.cancelled():
-        return CLIENT_GONE
-    return task.result()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -91,7 +91,7 @@ def sampling_requested(p: GenerateParameters) -> bool:
 
 def check_parameters(inputs: str, p: GenerateParameters, limits: Limits) -> dict[str, Any]:
     """TGI's checks that come before tokenization (and image fetching); the values they
-    settle, by ``ValidRequest`` field name."""
+    settle, by name."""
     best_of = p.best_of or 1
     if best_of > 1 and not sampling_requested(p):
         raise ValidationError("you must use sampling when `best_of` is > 1")
