@@ -205,7 +205,8 @@ class ScriptedEngine:
     def _prompt_logprobs(self, req: EngineRequest, script: Script) -> list:
         from vllm.logprobs import Logprob
 
-        values = script.prompt_logprobs or [-0.25 * (i + 1) for i in range(len(req.prompt_ids) - 1)]
+        given = script.prompt_logprobs or []
+        values = [given[i] if i < len(given) else -0.25 * (i + 1) for i in range(len(req.prompt_ids) - 1)]
         return [None] + [{tid: Logprob(lp, 1, None)} for tid, lp in zip(req.prompt_ids[1:], values)]
 
     async def abort(self, request_id: str | list[str]) -> None:
