@@ -154,12 +154,14 @@ class ScriptedEngine:
             n_done = 0
             prompt_lp = self._prompt_logprobs(req, script) if req.sampling.prompt_logprobs is not None else None
             last = len(script.steps) - 1
+            # A failure after the last step means the last step is not the finish.
+            fails_at_end = script.fail is not None and script.fail_after >= len(script.steps)
             for k, ids in enumerate(script.steps):
                 if script.fail is not None and k == script.fail_after:
                     raise script.fail
                 if aborted.is_set():
                     break
-                done = k == last and script.finish is not None and not script.block
+                done = k == last and script.finish is not None and not script.block and not fails_at_end
                 token_lps = None
                 if want_lp is not None:
                     token_lps = [self._logprob(tid, lps[n_done + j] if n_done + j < len(lps) else None, want_lp)
