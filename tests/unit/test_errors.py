@@ -282,12 +282,11 @@ async def test_request_count_is_success_plus_failures(app_factory):
     await h.client.post("/v1/chat/completions", json=CHAT)            # overloaded
     await held.disconnect()                                           # dropped
     await h.client.post("/v1/chat/completions", json={**CHAT, "stream": True})  # success
-    # Two prompts, one permit: one generation succeeds, the other is overloaded (-> 429).
-    r = await h.client.post("/v1/completions", json={"prompt": ["x", "y"], "max_tokens": 2})
-    assert r.status_code == 429
+    r = await h.client.post("/v1/completions", json={"prompt": ["x"], "max_tokens": 2})  # success
+    assert r.status_code == 200
     count, success, failures = request_totals(await h.metrics())
-    assert (count, success, failures) == (9, 3, 6)
+    assert (count, success, failures) == (8, 3, 5)
     assert count == success + failures
     assert metric_values(await h.metrics(), "tgi_request_failure") == {
         '{err="validation"}': 1, '{err="generation"}': 1, '{err="incomplete"}': 1,
-        '{err="overloaded"}': 2, '{err="dropped"}': 1}
+        '{err="overloaded"}': 1, '{err="dropped"}': 1}
