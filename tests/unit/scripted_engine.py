@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -131,10 +131,24 @@ class ScriptedEngine:
 
     def generate(self, req: EngineRequest) -> AsyncIterator:
         self.requests.append(req)
-        script = self._script(req)
+        script = self._capped(self._script(req), req.sampling.max_tokens)
         if script.refuse is not None and script.refuse_at_call:
             raise script.refuse
         return self._replay(req, script)
+
+    @staticmethod
+    def _capped(script: Script, max_tokens: int) -> Script:
+        """As vLLM does: no more than ``max_tokens`` tokens, then finish reason "length"."""
+        steps, n = [], 0
+        for ids in script.steps:
+            if n + len(ids) >= max_tokens:
+                steps.append(list(ids[: max_tokens - n]))
+                if n + len(ids) > max_tokens or script.finish is None:
+                    return replace(script, steps=steps, finish=LENGTH, block=False)
+                return replace(script, steps=steps)
+            steps.append(list(ids))
+            n += len(ids)
+        return script
 
     async def _replay(self, req: EngineRequest, script: Script) -> AsyncIterator:
         from vllm.outputs import CompletionOutput, RequestOutput
