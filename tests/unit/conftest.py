@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.unit.scripted_engine import ScriptedEngine, tiny_tokenizer
+from tests.unit.scripted_engine import ScriptedEngine, preload, tiny_tokenizer
 
 from tgi_compat.launcher import parse_config
 from tgi_compat.server import create_app
@@ -26,6 +26,7 @@ from tgi_compat.server import create_app
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    preload()
     return tiny_tokenizer()
 
 

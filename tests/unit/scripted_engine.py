@@ -121,7 +121,7 @@ class ScriptedEngine:
     def request(self, request_id: str) -> EngineRequest:
         return next(r for r in self.requests if r.request_id == request_id)
 
-    async def wait_live(self, n: int, timeout: float = 10.0) -> None:
+    async def wait_live(self, n: int, timeout: float = 30.0) -> None:
         """Until ``n`` requests are in the engine (e.g. blocked ones holding permits)."""
         async with asyncio.timeout(timeout):
             while len(self.live) < n:
@@ -251,6 +251,16 @@ class ScriptedEngine:
     def shutdown(self, timeout: float = 30.0) -> None:
         self.shut_down = True
         self.release_all()
+
+
+def preload() -> None:
+    """Import vLLM's output classes once, up front (seconds of CPU), rather than inside
+    the first test that times a generation."""
+    import vllm.logprobs  # noqa: F401
+    import vllm.outputs  # noqa: F401
+    import vllm.v1.engine.exceptions  # noqa: F401
+    import vllm.v1.metrics.stats  # noqa: F401
+    from vllm.exceptions import VLLMClientError  # noqa: F401  (the app's is_request_error)
 
 
 def tiny_tokenizer_dir() -> Path:

@@ -257,3 +257,17 @@ async def test_sampling_settings_reach_the_engine(h):
     s = h.engine.requests[-1].sampling
     assert s.temperature == 0.0  # greedy
     assert r.json()["details"]["seed"] is None
+
+
+async def test_best_of_holds_one_permit_per_sequence(app_factory):
+    h = await app_factory("--max-best-of", "3", "--max-concurrent-requests", "3")
+    h.engine.script_for = lambda req: Script(steps=[ids_of(h, " a")], block=True)
+    s = h.open_stream("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2, "best_of": 3, "do_sample": True}})
+    await h.engine.wait_live(3)
+    assert await h.metric("tgi_compat_permits_in_use") == 3
+    assert await h.metric("tgi_compat_engine_requests") == 3
+    h.engine.release_all()  # vLLM ends aborted requests with finish reason "abort"
+    body = b"".join(await s.read_all())
+    assert s.status == 424
+    assert body == b'{"error":"Request failed during generation: the engine ended the request (abort)","error_type":"generation"}'
+    assert await h.metric("tgi_compat_permits_in_use") == 0
