@@ -96,16 +96,16 @@ class RawStream:
         finally:
             await self.writes.put(None)
 
-    async def next_write(self, timeout: float = 10.0) -> bytes | None:
+    async def next_write(self, timeout: float = 30.0) -> bytes | None:
         return await asyncio.wait_for(self.writes.get(), timeout)
 
-    async def read_all(self, timeout: float = 10.0) -> list[bytes]:
+    async def read_all(self, timeout: float = 30.0) -> list[bytes]:
         out = []
         while (w := await self.next_write(timeout)) is not None:
             out.append(w)
         return out
 
-    async def disconnect(self, timeout: float = 10.0) -> None:
+    async def disconnect(self, timeout: float = 30.0) -> None:
         self._gone.set()
         await asyncio.wait_for(self.task, timeout)
 
