@@ -280,9 +280,14 @@ def test_killing_the_headless_node_fails_health_and_in_flight_requests(two_nodes
     headless.kill()  # the whole node goes away
     assert in_flight, "every stream ended before the kill"
     assert wait_for(lambda: httpx.get(front.url + "/health", timeout=30).status_code == 503, timeout=30, interval=0.2)
+    failed, finished = [], []
     for s in in_flight:
         s.join(60)
         last = s.events()[-1]
-        assert last.get("error_type") == "generation", s.raw[-400:]
+        # A stream whose last token was generated as the node died may still finish (its
+        # final event); every other one ends with TGI's in-band generation error.
+        (failed if last.get("error_type") == "generation" else finished).append(last)
+        assert last.get("error_type") == "generation" or last.get("generated_text") is not None, s.raw[-400:]
+    assert failed, f"no in-flight stream failed: {[f.get('index') for f in finished]}"
     r = httpx.post(front.url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
     assert r.status_code == 424 and r.json()["error_type"] == "generation"
