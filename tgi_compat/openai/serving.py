@@ -302,10 +302,12 @@ class ChatStreamFormat(StreamFormat):
         return self._frame(gen, i, delta, finish_reason)
 
     def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
+        if self.tool_state is None:
+            return [self._chunk(gen, i, None) for i in range(start, end)]
         frames = []
         for i in range(start, end):
             frames.append(self._chunk(gen, i, None))
-            if self.ended is not None:
+            if self.ended is not None:  # no_tool: nothing after it is looked at
                 break
         return frames
 

@@ -217,10 +217,11 @@ def validate(
         request_id=request_id,
         prompt_ids=ids,
         sampling=engine_sampling(
-            max_new_tokens, sampling, temperature, top_k, top_p, typical_p, seed,
-            c["repetition_penalty"], c["frequency_penalty"], p.watermark,
-            top_n_tokens if token_logprobs or top_n_tokens else None,
-            0 if p.decoder_input_details else None,
+            max_new_tokens, sampling, temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p,
+            seed=seed, repetition_penalty=c["repetition_penalty"], frequency_penalty=c["frequency_penalty"],
+            watermark=p.watermark,
+            logprobs=top_n_tokens if token_logprobs or top_n_tokens else None,
+            prompt_logprobs=0 if p.decoder_input_details else None,
         ),
         adapter=p.adapter_id,
         structured=grammar,
@@ -272,7 +273,7 @@ def check_grammar(g: Grammar) -> tuple[str, Any]:
 
 
 def engine_sampling(
-    max_new_tokens: int, sampling: bool, temperature: float, top_k: int, top_p: float, typical_p: float,
+    max_new_tokens: int, sampling: bool, *, temperature: float, top_k: int, top_p: float, typical_p: float,
     seed: int, repetition_penalty: float, frequency_penalty: float, watermark: bool,
     logprobs: int | None, prompt_logprobs: int | None,
 ) -> Sampling:
