@@ -35,6 +35,7 @@ MAX_TOTAL = "8192"
 CAP = 8
 # Greedy on the tiny model runs to max_new_tokens: several seconds on this 2-core host.
 LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6000}}
+LONGEST = {"inputs": LONG["inputs"], "parameters": {"max_new_tokens": int(MAX_TOTAL) - 100}}
 
 
 def _on_cpu() -> bool:
@@ -156,7 +157,7 @@ def _open_raw_stream(port: int, body: dict) -> socket.socket:
 def test_gauges_admission_and_disconnects_across_engines(dp_server):
     url = dp_server.url
     with ThreadPoolExecutor(CAP) as pool:  # at once, as concurrent clients arrive
-        socks = list(pool.map(lambda _: _open_raw_stream(dp_server.port, LONG), range(CAP)))
+        socks = list(pool.map(lambda _: _open_raw_stream(dp_server.port, LONGEST), range(CAP)))
     # Both engines spin on this 2-core host and starve the front end: pause every engine
     # and worker process so /metrics answers, with the gauges of the engines' last steps.
     time.sleep(0.5)
@@ -181,11 +182,16 @@ def test_gauges_admission_and_disconnects_across_engines(dp_server):
         r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=60)
         assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
     finally:
-        for p in engine_procs:
-            p.resume()
-        for sock in socks:  # the clients vanish mid-stream
+        # The clients vanish mid-stream while the engines are still paused: the front end,
+        # no longer starved, sees the disconnects before the engines can run any stream to
+        # its end (running, they outpace the starved front end by thousands of tokens).
+        for sock in socks:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
+        with httpx.Client(base_url=url, timeout=60) as c:
+            wait_idle(c, timeout=30)  # the drops are recorded and the permits released
+        for p in engine_procs:
+            p.resume()
     with httpx.Client(base_url=url, timeout=60) as c:
         # Each request is aborted in whichever engine ran it.
         assert wait_idle(c, timeout=60) == (0, 0)
@@ -272,8 +278,7 @@ def test_killing_the_headless_node_fails_health_and_in_flight_requests(two_nodes
     # Checked before the streams start: busy engines on 2 cores starve the front end, and a
     # slow /health here once let the streams run to their end before the kill.
     assert httpx.get(front.url + "/health", timeout=30).status_code == 200
-    longest = {"inputs": LONG["inputs"], "parameters": {"max_new_tokens": int(MAX_TOTAL) - 100}}
-    streams = [StreamReader(front.url, longest) for _ in range(4)]
+    streams = [StreamReader(front.url, LONGEST) for _ in range(4)]
     for s in streams:
         assert s.started.wait(60)
     in_flight = [s for s in streams if s.is_alive()]
