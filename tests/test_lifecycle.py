@@ -15,9 +15,10 @@ import pytest
 
 from tests.conftest import ServerProcess
 
-# Greedy decoding of this prompt does not hit EOS on the tiny model; ~10 s of generation
-# on a 2-core CPU at these batch sizes (the servers here use the model's full context).
-LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6000}}
+# Greedy decoding of this prompt does not hit EOS on the tiny model; 20-30 s of generation
+# on a 2-core CPU at these batch sizes (the servers here use the model's full context), so
+# it is still running when a test's clients were slow to start the rest of their requests.
+LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8000}}
 
 
 def engine_core(server: ServerProcess) -> psutil.Process:
