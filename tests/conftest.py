@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,9 +134,23 @@ def otlp_collector():
 
 
 class MainServer:
-    def __init__(self, url: str, log_path: Path | None):
+    def __init__(self, url: str, log_path: Path | None, pid: int | None = None):
         self.url = url
         self.log_path = log_path
+        self.pid = pid  # None for an external server (TGI_COMPAT_TEST_URL)
+
+    @contextlib.contextmanager
+    def engine_paused(self):
+        """Every engine process stopped (SIGSTOP) for the block: requests are admitted and
+        hold their permits, but no token is generated. A no-op on an external server."""
+        procs = psutil.Process(self.pid).children(recursive=True) if self.pid else []
+        for p in procs:
+            p.suspend()
+        try:
+            yield
+        finally:
+            for p in procs:
+                p.resume()
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +171,7 @@ def main_server(otlp_collector):
     )
     try:
         server.wait_ready()
-        yield MainServer(server.url, server.log_path)
+        yield MainServer(server.url, server.log_path, server.proc.pid)
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 
@@ -43,41 +44,46 @@ async def _open_stream(client: httpx.AsyncClient, body: dict):
     return response, chunks, first
 
 
-async def test_cap_rejects_exactly_the_extra_requests(server_url, http):
+async def test_cap_rejects_exactly_the_extra_requests(server_url, http, main_server):
     n, k = MAX_CONCURRENT_REQUESTS, 4
     limits = httpx.Limits(max_connections=n + k + 8)
     async with httpx.AsyncClient(base_url=server_url, timeout=120, limits=limits) as client:
-        for _ in range(3):
-            held = await asyncio.gather(*[_open_stream(client, LONG) for _ in range(n)])
-            assert all(first.startswith(b"data:{\"index\":1,") for _, _, first in held)
-            if metric(http, "tgi_compat_permits_in_use") == n:
-                break
-            # On this shared box the first streams can finish before the last one starts;
-            # the test needs all n in flight at once, so let these end and try again.
-            for response, chunks, _ in held:
-                async for _ in chunks:
-                    pass
-                await response.aclose()
-            assert wait_idle(http) == (0, 0)
-        else:
-            pytest.fail(f"could not hold {n} streams at once")
+        with contextlib.ExitStack() as paused:
+            for _ in range(3):
+                held = await asyncio.gather(*[_open_stream(client, LONG) for _ in range(n)])
+                assert all(first.startswith(b"data:{\"index\":1,") for _, _, first in held)
+                # The engine is paused from here: the n streams keep their permits however
+                # long the checks below take on a starved box (admission is the front end's).
+                paused.enter_context(main_server.engine_paused())
+                if metric(http, "tgi_compat_permits_in_use") == n:
+                    break
+                # On this shared box the first streams can finish before the last one starts;
+                # the test needs all n in flight at once, so let these end and try again.
+                paused.close()
+                for response, chunks, _ in held:
+                    async for _ in chunks:
+                        pass
+                    await response.aclose()
+                assert wait_idle(http) == (0, 0)
+            else:
+                pytest.fail(f"could not hold {n} streams at once")
 
-        # Streams over the cap: the overloaded event in-band, with status 200.
-        extra = await asyncio.gather(*[client.post("/generate_stream", json=LONG) for _ in range(k)])
-        assert all(r.status_code == 200 and r.content == OVERLOADED for r in extra)
-        # Non-stream over the cap: HTTP 429 with TGI's body.
-        r = await client.post("/generate", json=LONG)
-        assert r.status_code == 429
-        assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
-        assert "content-length" in r.headers
-        # huggingface_hub raises OverloadedError both ways, sync and async.
-        sync_client = InferenceClient(server_url, timeout=120)
-        with pytest.raises(OverloadedError):
-            await asyncio.to_thread(sync_client.text_generation, "x", max_new_tokens=2)
-        with pytest.raises(OverloadedError):
-            await asyncio.to_thread(lambda: list(sync_client.text_generation("x", max_new_tokens=2, stream=True)))
-        with pytest.raises(OverloadedError):
-            await AsyncInferenceClient(server_url, timeout=120).text_generation("x", max_new_tokens=2)
+            # Streams over the cap: the overloaded event in-band, with status 200.
+            extra = await asyncio.gather(*[client.post("/generate_stream", json=LONG) for _ in range(k)])
+            assert all(r.status_code == 200 and r.content == OVERLOADED for r in extra)
+            # Non-stream over the cap: HTTP 429 with TGI's body.
+            r = await client.post("/generate", json=LONG)
+            assert r.status_code == 429
+            assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+            assert "content-length" in r.headers
+            # huggingface_hub raises OverloadedError both ways, sync and async.
+            sync_client = InferenceClient(server_url, timeout=120)
+            with pytest.raises(OverloadedError):
+                await asyncio.to_thread(sync_client.text_generation, "x", max_new_tokens=2)
+            with pytest.raises(OverloadedError):
+                await asyncio.to_thread(lambda: list(sync_client.text_generation("x", max_new_tokens=2, stream=True)))
+            with pytest.raises(OverloadedError):
+                await AsyncInferenceClient(server_url, timeout=120).text_generation("x", max_new_tokens=2)
 
         # The admitted streams all complete with their final event.
         for response, chunks, first in held:
