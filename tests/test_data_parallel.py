@@ -236,7 +236,9 @@ class HeadlessNode:
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
+        # SIGKILL is final, but a process blocked in the kernel (this machine's disk stalls
+        # for seconds at times) is reaped only when it returns: 30 s was once not enough.
+        self.proc.wait(120)
         self._log.close()
 
 
