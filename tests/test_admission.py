@@ -16,6 +16,8 @@ from tests.conftest import MAX_CONCURRENT_REQUESTS, metric, wait_idle
 from tgi_compat.admission import ConcurrencyLimiter
 from tgi_compat.errors import OverloadedError as OurOverloaded
 
+pytestmark = pytest.mark.engine
+
 OVERLOADED = b'data:{"error":"Model is overloaded","error_type":"overloaded"}\n\n'
 # Greedy decoding of this prompt does not hit EOS on the tiny model: a long stream.
 # ~4 s at batch 32: the held streams must outlive the overload checks.

@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import ServerProcess, metric, wait_idle
 
+pytestmark = pytest.mark.engine
+
 SEND_TIMEOUT = 5
 READ_TIMEOUT = 3
 MAX_CONNECTIONS = 16

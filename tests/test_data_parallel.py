@@ -29,7 +29,7 @@ from tests.conftest import ROOT, ServerProcess, free_port, wait_idle
 from tests.test_lifecycle import StreamReader, wait_for
 
 # Two engines start in about two minutes here (each compiles the model on one core).
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]
 
 MAX_TOTAL = "8192"
 CAP = 8

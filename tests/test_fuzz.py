@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import schemathesis
 from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from tests.conftest import wait_idle
+
+pytestmark = pytest.mark.engine
 
 STATS = {"cases": 0, "5xx": 0}
 ERROR_TYPES = {"validation", "overloaded", "generation", "incomplete_generation", "incomplete_generation_stream",

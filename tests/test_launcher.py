@@ -514,6 +514,7 @@ def test_help_runs():
 # --- a real server configured only by env vars, as a Kubernetes manifest would --------------------
 
 
+@pytest.mark.engine
 def test_server_from_env_vars_only(tmp_path, tiny):
     """MODEL_ID is a Hub id read from HUGGINGFACE_HUB_CACHE (offline), everything else TGI's env
     vars; /info reflects the limits and a real Prometheus scrapes --prometheus-port."""

@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import ServerProcess
 
+pytestmark = pytest.mark.engine
+
 # Greedy decoding of this prompt does not hit EOS on the tiny model; 20-30 s of generation
 # on a 2-core CPU at these batch sizes (the servers here use the model's full context), so
 # it is still running when a test's clients were slow to start the rest of their requests.

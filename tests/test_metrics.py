@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import prometheus_scraping
 from tgi_compat.metrics import TGIMetrics, duration_buckets
 
+pytestmark = pytest.mark.engine
+
 
 def test_duration_buckets_are_tgis():
     b = duration_buckets()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 
 from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.engine
 
 
 def test_one_log_line_per_finished_request(http, main_server):

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import ServerProcess, free_port
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]
 
 
 def _on_cpu() -> bool:

@@ -23,6 +23,8 @@ from PIL import Image
 from tests.conftest import ServerProcess
 from tgi_compat import tiny_vlm
 
+pytestmark = pytest.mark.topology
+
 # The tiny VLM's processor turns one image into 19 tokens (16 image tokens between
 # <fake_token_around_image><global-img> and <fake_token_around_image>), which replace
 # the one `<image>` placeholder token.

@@ -15,6 +15,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from tests.conftest import metric, wait_idle
 from tests.tgi.test_wire import ROUNDS, _aborted, _raw_request, generated_tokens
 
+pytestmark = pytest.mark.engine
+
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 CHUNK_KEYS = ["object", "id", "created", "model", "system_fingerprint", "choices", "usage"]
 

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import ROOT, wait_idle
 
+pytestmark = pytest.mark.engine
+
 NODE_PACKAGE = "@huggingface/inference@4"
 
 

@@ -13,6 +13,8 @@ from tgi_compat.errors import ToolError
 from tgi_compat.openai import tools as tooling
 from tgi_compat.openai.protocol import Tool
 
+pytestmark = pytest.mark.engine
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather",
     "parameters": {"type": "object", "properties": {"location": {"type": "string", "maxLength": 12},

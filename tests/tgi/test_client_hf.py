@@ -10,6 +10,8 @@ from huggingface_hub.errors import ValidationError as HFValidationError
 
 from tests.conftest import MAX_TOTAL_TOKENS
 
+pytestmark = pytest.mark.engine
+
 PROMPT = "How do you make cheese?"
 
 

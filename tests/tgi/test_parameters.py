@@ -20,6 +20,8 @@ from huggingface_hub.errors import ValidationError as HFValidationError
 from tests.conftest import wait_idle
 from tgi_compat.logits import watermark_score
 
+pytestmark = pytest.mark.engine
+
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
                          "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},

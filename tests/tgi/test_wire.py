@@ -13,6 +13,8 @@ from packaging import version
 import tgi_compat
 from tests.conftest import generated_tokens, wait_idle
 
+pytestmark = pytest.mark.engine
+
 PROMPT = "What is Deep Learning?"
 # Greedy decoding of this prompt runs to max_new_tokens on the tiny model (no EOS).
 LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1000}}
