@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tgi_compat.tokens import Tokenizer
 
@@ -221,8 +221,48 @@ def is_request_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, VLLMClientError))
 
 
+class EngineClient(Protocol):
+    """What the app uses of an engine: ``Engine`` (vLLM) and the tests' ``ScriptedEngine``
+    both provide exactly this (tests/unit/test_engine_client.py holds them to it)."""
+
+    tokenizer: Tokenizer
+    engine_args: Any  # vLLM's AsyncEngineArgs (``.model``: what was served)
+    max_model_len: int
+    kv_capacity_tokens: int
+    num_engines: int  # data-parallel engines, local and remote
+    adapters: dict[str, Any]  # loaded LoRA adapters by name
+    multimodal: bool  # the model takes images
+    image_placeholder: str
+    max_images: int
+    dtype: str
+    # Called once per engine step with vLLM's (scheduler_stats, iteration_stats, engine index).
+    on_step: Any
+
+    @property
+    def errored(self) -> bool: ...
+
+    @property
+    def remote_engines(self) -> int: ...
+
+    def generate(self, req: EngineRequest) -> AsyncIterator: ...
+
+    async def render_images(self, prompt_ids: list[int], images: list, truncate: int | None) -> tuple[list[int], Any]: ...
+
+    async def warm_up(self) -> None: ...
+
+    async def abort(self, request_id: str | list[str]) -> None: ...
+
+    async def watch_remote_engines(self) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def num_unfinished_requests(self) -> int: ...
+
+    def shutdown(self, timeout: float = 30.0) -> None: ...
+
+
 class Engine:
-    """A running vLLM ``AsyncLLM`` and the served model's tokenizer."""
+    """A running vLLM ``AsyncLLM`` and the served model's tokenizer (an ``EngineClient``)."""
 
     def __init__(self, engine_args, lora_paths: dict[str, str] | None = None):
         from transformers import AutoTokenizer

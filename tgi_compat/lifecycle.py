@@ -27,7 +27,7 @@ import uvicorn
 from tgi_compat.engine import EngineRequest, Sampling
 
 if TYPE_CHECKING:
-    from tgi_compat.engine import Engine
+    from tgi_compat.engine import EngineClient
 
 logger = logging.getLogger("tgi_compat.lifecycle")
 
@@ -57,7 +57,7 @@ class Lifecycle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._inflight: dict[str, object] = {}  # request id -> generation with .abort_reason
-        self.engine: Engine | None = None
+        self.engine: EngineClient | None = None
 
     # --- in-flight registry (the serving layer registers each engine request) ---
 
@@ -75,11 +75,11 @@ class Lifecycle:
 
     # --- start / engine watchdog ---
 
-    def start(self, engine: Engine) -> None:
+    def start(self, engine: EngineClient) -> None:
         self.engine = engine
         self._loop = asyncio.get_running_loop()
         self._spawn(self._watch_engine(engine))
-        if getattr(engine, "remote_engines", 0) > 0:  # headless engines on other nodes
+        if engine.remote_engines > 0:  # headless engines on other nodes
             self._spawn(engine.watch_remote_engines())
 
     def _spawn(self, coro) -> None:
@@ -91,7 +91,7 @@ class Lifecycle:
         for task in list(self._tasks):
             task.cancel()
 
-    async def _watch_engine(self, engine: Engine) -> None:
+    async def _watch_engine(self, engine: EngineClient) -> None:
         while not engine.errored:
             await asyncio.sleep(0.1)
         self.engine_dead = True
@@ -106,7 +106,7 @@ class Lifecycle:
 
     # --- health ---
 
-    async def health_problem(self, engine: Engine) -> str | None:
+    async def health_problem(self, engine: EngineClient) -> str | None:
         """None when healthy, else why not."""
         if self.engine_dead or engine.errored:
             return "engine dead"
@@ -121,7 +121,7 @@ class Lifecycle:
                 return "health probe failed"
         return None
 
-    async def _probe(self, engine: Engine) -> bool:
+    async def _probe(self, engine: EngineClient) -> bool:
         request_id = f"health-{time.monotonic_ns()}"
         outputs = engine.generate(
             EngineRequest(request_id, [engine.tokenizer.eos_token_id or 0], Sampling(max_tokens=1))

@@ -179,12 +179,12 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
         max_input_tokens=max_input,
         max_total_tokens=max_total,
         grammar_enabled=not config.disable_grammar_support,
-        adapters=frozenset(getattr(engine, "adapters", {})),
+        adapters=frozenset(engine.adapters),
     )
     state.engine = engine
     state.limiter = ConcurrencyLimiter(config.max_concurrent_requests)
     state.metrics = metrics = TGIMetrics(max_input, max_total)
-    metrics.set_engines(getattr(engine, "num_engines", 1), engine.kv_capacity_tokens)
+    metrics.set_engines(engine.num_engines, engine.kv_capacity_tokens)
     engine.on_step = metrics.engine_step
     tracer = None
     if config.otlp_endpoint:
@@ -238,7 +238,7 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
 
 def _image_fetcher(config: Config, engine):
     """The image fetcher of a model that takes images (TGI's `![](url)`), else None."""
-    if not getattr(engine, "multimodal", False):
+    if not engine.multimodal:
         return None
     from tgi_compat.images import FetchPolicy, ImageFetcher
 

@@ -225,6 +225,15 @@ class ScriptedEngine:
         values = [given[i] if i < len(given) else -0.25 * (i + 1) for i in range(len(req.prompt_ids) - 1)]
         return [None] + [{tid: Logprob(lp, 1, None)} for tid, lp in zip(req.prompt_ids[1:], values)]
 
+    async def render_images(self, prompt_ids: list[int], images: list, truncate: int | None):
+        raise NotImplementedError("the scripted engine takes no images (multimodal is False)")
+
+    async def warm_up(self) -> None:
+        pass
+
+    async def watch_remote_engines(self) -> None:
+        pass  # no remote engines (remote_engines is 0)
+
     async def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:

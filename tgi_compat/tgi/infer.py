@@ -38,7 +38,7 @@ from starlette.responses import Response
 
 from tgi_compat.admission import ConcurrencyLimiter, Permit
 from tgi_compat.connection import CLOSED_KEY, DISCONNECT_SEEN_KEY
-from tgi_compat.engine import Engine, is_request_error
+from tgi_compat.engine import EngineClient, is_request_error
 from tgi_compat.errors import (
     GenerationError,
     IncompleteGenerationError,
@@ -73,7 +73,7 @@ class Generation:
         "queue_seconds", "abort_reason", "others",
     )
 
-    def __init__(self, valid: ValidRequest, engine: Engine, *, token_text: bool, token_logprobs: bool):
+    def __init__(self, valid: ValidRequest, engine: EngineClient, *, token_text: bool, token_logprobs: bool):
         self.valid = valid
         self.tok = engine.tokenizer
         self.special = self.tok.special_ids
@@ -240,7 +240,7 @@ class Infer:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineClient,
         limiter: ConcurrencyLimiter,
         limits: Limits,
         lifecycle: Lifecycle,
@@ -258,7 +258,7 @@ class Infer:
         self.tracer = tracer
         self.compute_type = compute_type()
         # Set when the model takes images: `![](...)` in inputs are fetched with it.
-        self.images = images if getattr(engine, "multimodal", False) else None
+        self.images = images if engine.multimodal else None
 
     # --- admission and validation (TGI's order, §2.1) ---
 
@@ -598,7 +598,7 @@ def _kv(fields: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-async def _close(outputs: AsyncIterator, engine: Engine, request_id: str, finish_reason: str | None) -> None:
+async def _close(outputs: AsyncIterator, engine: EngineClient, request_id: str, finish_reason: str | None) -> None:
     """Stop the engine request unless it finished: a stop sequence, an error or a disconnect.
 
     Shielded: on a client disconnect this runs inside a cancelled anyio scope, where
