@@ -117,9 +117,10 @@ def test_compat_route_non_stream_is_a_list(http):
     assert not r.json()[0]["generated_text"].startswith(PROMPT)
 
 
-def test_defaults_trap_absent_parameters_means_sampling(http):
+def test_absent_parameters_generate_and_details_default_off(http):
+    # That absent `parameters` means sampling is checked on what reaches the engine
+    # (tests/unit/test_tgi_generation.py); here the real engine serves such requests.
     absent = http.post("/generate", json={"inputs": PROMPT}, headers={}).headers
-    # Absent `parameters` samples (with a random seed), so the stream reports a seed.
     _, raw = stream_raw(http, "/generate_stream", {"inputs": PROMPT})
     last = json.loads(sse_events(raw)[-1][5:])
     assert last["details"] is None  # details default to false
@@ -243,8 +244,10 @@ def _raw_request(port: int, body: bytes, path: str) -> socket.socket:
 
 
 def _aborted(http, before: float, requests: int) -> bool:
-    assert wait_idle(http) == (0, 0)  # never a leak, aborted or not
-    time.sleep(1.0)  # anything still generating would keep counting
+    # Never a leak, aborted or not. Idle means the engine holds no request: one that was
+    # not aborted would still be generating (its max_new_tokens take seconds), so the
+    # permits would not all be back; the tokens of the step that raced the abort are few.
+    assert wait_idle(http, timeout=30) == (0, 0)
     produced = generated_tokens(http) - before
     return produced < requests * LONG["parameters"]["max_new_tokens"] / 2
 
@@ -282,8 +285,9 @@ def test_disconnect_during_non_stream_aborts_engine_request(http, server_url):
         for s in socks:
             s.close()
         if _aborted(http, before, 4):
-            return
-    pytest.fail("closing the connections never stopped their generation")
+            break
+    else:
+        pytest.fail("closing the connections never stopped their generation")
     # The server still serves normally afterwards.
     assert http.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}}).status_code == 200
 

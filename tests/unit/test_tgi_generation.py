@@ -259,6 +259,22 @@ async def test_sampling_settings_reach_the_engine(h):
     assert r.json()["details"]["seed"] is None
 
 
+async def test_absent_parameters_means_sampling_with_a_random_seed(h):
+    """TGI's defaults trap: no `parameters` at all means `do_sample: true` (a random seed
+    each time), while `"parameters": {}` is greedy; both run to the context's end."""
+    for path in ("/generate", "/generate_stream"):
+        r = await h.client.post(path, json={"inputs": "Hi"})
+        assert r.status_code == 200, r.text
+    absent = h.engine.requests[-2:]
+    for q in absent:
+        assert q.sampling.temperature == 1.0 and q.sampling.seed is not None
+        assert q.sampling.max_tokens == h.engine.max_model_len - len(q.prompt_ids)
+    assert absent[0].sampling.seed != absent[1].sampling.seed
+    r = await h.client.post("/generate", json={"inputs": "Hi", "parameters": {}})
+    assert r.status_code == 200 and h.engine.requests[-1].sampling.temperature == 0.0
+    assert h.engine.requests[-1].sampling.seed is None
+
+
 async def test_best_of_holds_one_permit_per_sequence(app_factory):
     h = await app_factory("--max-best-of", "3", "--max-concurrent-requests", "3")
     h.engine.script_for = lambda req: Script(steps=[ids_of(h, " a")], block=True)
