@@ -59,6 +59,20 @@ class Lifecycle:
         self._inflight: dict[str, object] = {}  # request id -> generation with .abort_reason
         self.engine: EngineClient | None = None
 
+    # --- what the serving layer reports (the only ways it changes this object) ---
+
+    def progress(self) -> None:
+        """An engine output arrived (once per output, not per token)."""
+        self.last_progress = time.monotonic()
+
+    def generation_failed(self) -> None:
+        """A generation failed in the engine: /health probes it before answering 200 again."""
+        self.generation_healthy = False
+
+    def attach(self, server: uvicorn.Server) -> None:
+        """The server to stop when the engine dies."""
+        self.server = server
+
     # --- in-flight registry (the serving layer registers each engine request) ---
 
     def register(self, request_id: str, generation) -> None:
@@ -167,7 +181,7 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle):
         super().__init__(config)
         self.lifecycle = lifecycle
-        lifecycle.server = self
+        lifecycle.attach(self)
 
     def handle_exit(self, sig, frame) -> None:
         self.lifecycle.begin_drain()

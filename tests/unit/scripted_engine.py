@@ -66,6 +66,7 @@ class Script:
     fail: BaseException | None = None
     fail_after: int = 0
     block: bool = False
+    queue: float = 0.0  # seconds the request waits before its first step (vLLM's queued -> scheduled)
 
     @classmethod
     def tokens(cls, ids: list[int], finish: str | None = LENGTH, **kw) -> Script:
@@ -170,6 +171,10 @@ class ScriptedEngine:
             last = len(script.steps) - 1
             # A failure after the last step means the last step is not the finish.
             fails_at_end = script.fail is not None and script.fail_after >= len(script.steps)
+            # vLLM attaches its request's stats object to every output, finished or not.
+            stats = RequestStateStats(queued_ts=queued, scheduled_ts=queued + script.queue)
+            if script.queue:
+                await asyncio.sleep(script.queue)  # the engine's queue, as the stats say
             for k, ids in enumerate(script.steps):
                 if script.fail is not None and k == script.fail_after:
                     raise script.fail
@@ -183,12 +188,9 @@ class ScriptedEngine:
                 n_done += len(ids)
                 comp = CompletionOutput(index=0, text="", token_ids=list(ids), cumulative_logprob=None,
                                         logprobs=token_lps, finish_reason=script.finish if done else None)
-                metrics = None
-                if done:
-                    metrics = RequestStateStats(num_generation_tokens=n_done, queued_ts=queued,
-                                                scheduled_ts=queued + 0.001)
+                stats.num_generation_tokens = n_done
                 out = RequestOutput(rid, None, req.prompt_ids, prompt_lp if k == 0 else None, [comp], done,
-                                    metrics=metrics)
+                                    metrics=stats)
                 if done:
                     finished = True
                 yield out

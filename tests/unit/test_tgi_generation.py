@@ -36,6 +36,16 @@ async def test_stop_sequence_across_tokens_generate(h):
     assert rid in h.engine.aborts  # the engine would have gone on: aborted
 
 
+async def test_queue_time_of_a_request_ended_by_a_stop_sequence(h):
+    """The queue time comes from vLLM's stats on the first output: a request that ends
+    on a stop sequence (before vLLM finishes it) reports it too."""
+    ids = ids_of(h, STOP_TEXT)
+    h.engine.push(Script.tokens(ids, LENGTH, queue=0.2))
+    r = await h.client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 7, "stop": ["END"]}})
+    assert r.status_code == 200 and r.json()["generated_text"] == " fooEND"
+    assert int(r.headers["x-queue-time"]) >= 199  # 0.2 s, truncated to ms after float arithmetic
+
+
 async def test_stop_sequence_inside_merged_delta_stream(h):
     ids = ids_of(h, STOP_TEXT)
     # One engine output carries "E", "N", "D", " b": the tokens after the stop are dropped.

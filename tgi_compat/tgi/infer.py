@@ -97,6 +97,12 @@ class Generation:
     def absorb(self, out: Any) -> None:
         """Take one delta ``RequestOutput``; sets ``finish_reason`` when the request is done."""
         comp = out.outputs[0]
+        if not self.queue_seconds:
+            # Set on the first output (vLLM's stats ride on every output), so a request
+            # that ends on a stop sequence or no_tool, before vLLM finishes it, has its queue time.
+            stats = out.metrics
+            if stats is not None and stats.scheduled_ts and stats.queued_ts:
+                self.queue_seconds = max(stats.scheduled_ts - stats.queued_ts, 0.0)
         lps = comp.logprobs if self._want_lp else None
         if out.prompt_logprobs is not None and self.prefill is None:
             self._absorb_prefill(out.prompt_logprobs)
@@ -129,9 +135,6 @@ class Generation:
                 self.finish_reason = "length" if len(self.ids) >= self.valid.max_new_tokens else "eos_token"
             else:  # "abort" or anything unexpected: the request was ended early
                 raise GenerationError(self.abort_reason or f"the engine ended the request ({reason})")
-            metrics = out.metrics
-            if metrics is not None and metrics.scheduled_ts and metrics.queued_ts:
-                self.queue_seconds = max(metrics.scheduled_ts - metrics.queued_ts, 0.0)
 
     def _top_tokens(self, entries: dict, n: int) -> list[dict]:
         ranked = sorted(entries.items(), key=lambda kv: kv[1].rank)[:n]
@@ -440,7 +443,7 @@ class Infer:
         life.register(request_id, gen)
         try:
             async for out in outputs:
-                life.last_progress = time.monotonic()
+                life.progress()
                 gen.absorb(out)
                 yield
                 if gen.finish_reason is not None:
@@ -457,7 +460,7 @@ class Infer:
                 if gen.valid.grammar is not None:
                     message = f"grammar is not valid: {message}"
                 raise ValidationError(message) from e
-            life.generation_healthy = False
+            life.generation_failed()
             logger.warning("engine failure on %s: %s: %s", request_id, type(cause).__name__, message)
             raise GenerationError(message) from e
         finally:
