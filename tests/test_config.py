@@ -6,7 +6,8 @@ import pytest
 
 import tgi_compat
 from tgi_compat.cli import main
-from tgi_compat.config import ConfigError, parse_config
+from tgi_compat.config import ConfigError
+from tgi_compat.launcher import parse_config
 
 
 def test_defaults_match_tgi():

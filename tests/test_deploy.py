@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tgi_compat.config import parse_config
+from tgi_compat.launcher import parse_config
 
 OVERLAYS = ["single-gpu", "sharded", "data-parallel-multi-node"]
 KUBERNETES = kubernetes_validate.latest_version()

@@ -19,7 +19,8 @@ import pytest
 
 from tests.conftest import ROOT, free_port
 from tgi_compat import launcher
-from tgi_compat.config import ConfigError, parse_config
+from tgi_compat.config import ConfigError
+from tgi_compat.launcher import parse_config
 
 # TGI 3.3.7's `text-generation-launcher` (launcher/src/main.rs, struct Args), in its order:
 # (flag, clap env var, Rust type). Generated from the source; `--env` has no env var.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tgi_compat.config import ConfigError, parse_config
+from tgi_compat.config import ConfigError
+from tgi_compat.launcher import parse_config
 from tgi_compat.server import bind_host, resolve_limits
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from tgi_compat.config import ConfigError, parse_config
+from tgi_compat.config import ConfigError
+from tgi_compat.launcher import parse_config
 
 
 def _print_help() -> None:

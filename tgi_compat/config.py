@@ -93,10 +93,3 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration error: reported as one message, exit status 2, before anything starts."""
-
-
-def parse_config(argv: list[str] | None = None, environ=None) -> tuple[Config, bool]:
-    """(config, help_requested): see ``tgi_compat.launcher`` (the flag table)."""
-    from tgi_compat.launcher import parse_config as parse
-
-    return parse(argv, environ)

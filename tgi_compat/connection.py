@@ -24,7 +24,8 @@ in one place and costs nothing per token:
   ``TCP_USER_TIMEOUT`` on every accepted socket (Linux), so a peer gone without a FIN is
   found within ``DEAD_PEER_SECONDS`` even when nothing is being written.
 - **Disconnect record**: the time the socket closed (and why) goes into the request's ASGI
-  scope (``CLOSED_KEY``); the serving layer logs it with the abort of a dropped request.
+  scope (``CLOSED_KEY``); ``drop_record`` reads it back for the serving layer, which logs it
+  with the abort of a dropped request.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ logger = logging.getLogger("tgi_compat.connection")
 # Scope keys: (why, time.monotonic()) of the socket's close; the time the app saw http.disconnect.
 CLOSED_KEY = "tgi_compat.closed"
 DISCONNECT_SEEN_KEY = "tgi_compat.disconnect_seen"
+
+
+def drop_record(scope: dict, now: float) -> dict:
+    """Why and when the connection closed, as the connection guards recorded it: ``closed_by``
+    (peer, send_timeout, read_timeout), then ms from the socket's close to the app seeing
+    ``http.disconnect`` and to the engine abort (done by the time this is logged)."""
+    closed = scope.get(CLOSED_KEY)
+    if closed is None:
+        return {"closed_by": "unknown"}
+    why, at = closed
+    seen = scope.get(DISCONNECT_SEEN_KEY)
+    record = {"closed_by": why}
+    if seen is not None:
+        record["disconnect_ms"] = round((seen - at) * 1000, 1)
+    record["abort_ms"] = round((now - at) * 1000, 1)
+    return record
+
 
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 DEAD_PEER_SECONDS = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT  # 60

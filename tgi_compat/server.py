@@ -29,7 +29,7 @@ from tgi_compat import openapi
 from tgi_compat.admission import ConcurrencyLimiter
 from tgi_compat.chat_template import ChatTemplate
 from tgi_compat.config import Config, ConfigError
-from tgi_compat.connection import ConnectionGuard, resolve_max_connections
+from tgi_compat.connection import ConnectionGuard, drop_record, resolve_max_connections
 from tgi_compat.errors import install_handlers
 from tgi_compat.info_router import METRICS_CONTENT_TYPE, render_metrics
 from tgi_compat.info_router import build_router as build_info_router
@@ -194,7 +194,7 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
     images = _image_fetcher(config, engine)
     state.infer = Infer(
         engine, state.limiter, limits, lifecycle, metrics, keep_alive=config.keep_alive_seconds, tracer=tracer,
-        images=images,
+        images=images, drop_record=drop_record,
     )
     lifecycle.start(engine)
     state.info = info = _info(config, engine, max_input, max_total)

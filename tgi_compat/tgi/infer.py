@@ -37,7 +37,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tgi_compat.admission import ConcurrencyLimiter, Permit
-from tgi_compat.connection import CLOSED_KEY, DISCONNECT_SEEN_KEY
 from tgi_compat.engine import EngineClient, is_request_error
 from tgi_compat.errors import (
     GenerationError,
@@ -251,8 +250,12 @@ class Infer:
         keep_alive: float = 15.0,
         tracer=None,
         images: ImageFetcher | None = None,
+        drop_record: Callable[[dict, float], dict] | None = None,
     ):
         self.engine = engine
+        # How a dropped request's connection closed, from its ASGI scope: the connection
+        # layer writes that record, so it reads it too (connection.drop_record).
+        self.drop_record = drop_record or (lambda scope, now: {})
         self.limiter = limiter
         self.limits = limits
         self.lifecycle = lifecycle
@@ -338,7 +341,7 @@ class Infer:
         fields = {"request_id": r.id, "route": r.route, "status": status, "error": err,
                   "prompt_tokens": r.input_length, "total_ms": int((now - r.start) * 1000)}
         if err == "dropped":
-            fields.update(_drop_record(r.scope, now))
+            fields.update(self.drop_record(r.scope, now))
         logger.info("request failed %s", _kv(fields), extra=fields)
         if self.tracer is not None:
             self.tracer.record(r, None, Timings(r, None, time.monotonic()), error=f"{err}: {message}")
@@ -579,22 +582,6 @@ async def all_or_nothing(coros: list) -> list:
                 t.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _drop_record(scope: dict, now: float) -> dict:
-    """Why and when the connection closed, as the connection guards recorded it: ``closed_by``
-    (peer, send_timeout, read_timeout), then ms from the socket's close to the app seeing
-    ``http.disconnect`` and to the engine abort (done by the time this is logged)."""
-    closed = scope.get(CLOSED_KEY)
-    if closed is None:
-        return {"closed_by": "unknown"}
-    why, at = closed
-    seen = scope.get(DISCONNECT_SEEN_KEY)
-    record = {"closed_by": why}
-    if seen is not None:
-        record["disconnect_ms"] = round((seen - at) * 1000, 1)
-    record["abort_ms"] = round((now - at) * 1000, 1)
-    return record
 
 
 def _kv(fields: dict) -> str:
