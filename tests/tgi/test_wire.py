@@ -11,7 +11,7 @@ import pytest
 from packaging import version
 
 import tgi_compat
-from tests.conftest import generated_tokens, wait_idle
+from tests.conftest import MAX_CONCURRENT_REQUESTS, MAX_TOTAL_TOKENS, generated_tokens, wait_idle
 
 pytestmark = pytest.mark.engine
 
@@ -146,11 +146,12 @@ def test_validation_error_in_stream_is_an_event(http):
 def test_empty_inputs_and_length_limits(http):
     r = http.post("/generate", json={"inputs": "", "parameters": {}})
     assert r.json()["error"] == "Input validation error: `inputs` cannot be empty"
-    r = http.post("/generate", json={"inputs": "hello " * 400, "parameters": {"max_new_tokens": 900}})
+    r = http.post("/generate", json={"inputs": "hello " * 400, "parameters": {"max_new_tokens": MAX_TOTAL_TOKENS - 124}})
     assert r.status_code == 422
-    assert "`inputs` tokens + `max_new_tokens` must be <= 1024. Given:" in r.json()["error"]
+    assert f"`inputs` tokens + `max_new_tokens` must be <= {MAX_TOTAL_TOKENS}. Given:" in r.json()["error"]
     r = http.post("/generate", json={"inputs": "hello", "parameters": {"truncate": 5000}})
-    assert r.json()["error"] == "Input validation error: `truncate` must be strictly positive and less than 1023. Given: 5000"
+    assert r.json()["error"] == ("Input validation error: `truncate` must be strictly positive and less than "
+                                 f"{MAX_TOTAL_TOKENS - 1}. Given: 5000")
 
 
 @pytest.mark.parametrize(
@@ -206,9 +207,9 @@ def test_info_and_health(http):
         "max_stop_sequences", "max_input_tokens", "max_total_tokens", "validation_workers",
         "max_client_batch_size", "router", "version", "sha", "docker_label", "tgi_compat_version",
     ]
-    assert info["max_total_tokens"] == 1024 and info["max_input_tokens"] == 1023
+    assert info["max_total_tokens"] == MAX_TOTAL_TOKENS and info["max_input_tokens"] == MAX_TOTAL_TOKENS - 1
     assert info["router"] == "text-generation-router"
-    assert info["max_concurrent_requests"] == 32
+    assert info["max_concurrent_requests"] == MAX_CONCURRENT_REQUESTS
     assert (info["version"], info["tgi_compat_version"]) == (tgi_compat.TGI_VERSION, tgi_compat.__version__)
     assert "server" not in http.get("/info").headers  # TGI (axum) sends none
 
@@ -220,7 +221,7 @@ def test_info_version_passes_client_gates(http):
     tgi = version.parse(info["version"])
     assert tgi >= version.parse("2.0.1")  # resolve_tgi_function_call: native tool calling
     assert tgi >= version.parse("2.1.0")  # get_max_input_tokens reads `max_input_tokens`, which we send
-    assert info["max_input_tokens"] == 1023
+    assert info["max_input_tokens"] == MAX_TOTAL_TOKENS - 1
 
 
 def test_openapi_documents_routes(http):
