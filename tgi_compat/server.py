@@ -35,7 +35,7 @@ from tgi_compat.info_router import METRICS_CONTENT_TYPE, render_metrics
 from tgi_compat.info_router import build_router as build_info_router
 from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.metrics import TGIMetrics
-from tgi_compat.middleware import PayloadLimitMiddleware, bearer_auth
+from tgi_compat.middleware import HeadAsGetMiddleware, PayloadLimitMiddleware, bearer_auth
 from tgi_compat.openai.api_router import build_router as build_openai_router
 from tgi_compat.openai.serving import OpenAIServing
 from tgi_compat.tgi.api_router import build_router as build_tgi_router
@@ -154,6 +154,7 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
         allow_headers=["content-type"],
     )
     app.add_middleware(PayloadLimitMiddleware, limit=config.payload_limit)
+    app.add_middleware(HeadAsGetMiddleware)  # outermost: HEAD on every GET route
     return app
 
 
