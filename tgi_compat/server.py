@@ -343,7 +343,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
             loop="uvloop",
             # httptools, with the connection guards (send/read timeouts, cap, keepalive).
             http=app.state.connections.protocol_class(),
-            log_level=config.log_level,
+            log_level=config.log_level.levels["uvicorn"],
             log_config=log_config,
             access_log=False,
             # uvicorn's default (5 s) is shorter than clients' pool timeouts (aiohttp 15 s):
