@@ -10,8 +10,9 @@ targets at that level. Components no directive reaches are off; an empty value i
 Here TGI's targets are our three components: ``text_generation_router`` is tgi-compat's
 front end and its HTTP server (``tgi_compat``, ``uvicorn``); ``text_generation_launcher``
 is tgi-compat and the engine whose logs TGI's launcher relays (``tgi_compat``, ``vllm``);
-``text_generation_server`` (TGI's model server) is ``vllm``. Our own names
-(``tgi_compat``, ``uvicorn``, ``vllm``) are taken too and win over TGI's. Python has no
+``text_generation_server`` (TGI's model server) is ``vllm``. A component logs at the most
+verbose level of the TGI parts it stands for (a part without a directive: the plain level).
+Our own names (``tgi_compat``, ``uvicorn``, ``vllm``) are taken too and win over TGI's. Python has no
 ``trace``: it logs as ``debug``. Targets of TGI's Rust dependencies (``tokio=debug``) and
 span filters change nothing here and a start-up line says so; a word that is neither a
 level nor a target we know is a configuration error.
@@ -35,15 +36,17 @@ LEVELS = {
     # Python's spellings, for Python users' habits.
     "warning": logging.WARNING, "critical": logging.CRITICAL,
 }
-# TGI's targets (the crate, first segment of a `a::b` path) -> our components.
-TARGETS = {
-    "text_generation_router": ("tgi_compat", "uvicorn"),
-    "text_generation_router_v2": ("tgi_compat", "uvicorn"),
-    "text_generation_router_v3": ("tgi_compat", "uvicorn"),
-    "text_generation_launcher": ("tgi_compat", "vllm"),
-    "text_generation_server": ("vllm",),
-    **{name: (name,) for name in COMPONENTS},
+# TGI's targets (the crate, first segment of a `a::b` path) -> the part of TGI it names.
+TGI_TARGETS = {
+    "text_generation_router": "router",
+    "text_generation_router_v2": "router",
+    "text_generation_router_v3": "router",
+    "text_generation_launcher": "launcher",
+    "text_generation_server": "server",
 }
+# Our components -> the parts of TGI they stand for. A component logs at the most verbose
+# level of its parts (each part: its directive, else the plain level, else off).
+PARTS = {"tgi_compat": ("router", "launcher"), "uvicorn": ("router",), "vllm": ("launcher", "server")}
 # TGI's rewrite of a plain level (launcher/src/main.rs, router/src/logging.rs).
 TGI_PLAIN = ("warn", "info", "debug")
 _TARGET = re.compile(r"[A-Za-z_][\w\-]*(?:(?:::|\.)[\w\-]+)*")
@@ -89,7 +92,7 @@ def parse_log_levels(text: str) -> LogLevels:
     if not directives:
         return LogLevels(text, dict.fromkeys(COMPONENTS, logging.INFO))
     default: int | None = None
-    tgi: dict[str, int] = {}  # component -> level from TGI's targets (the most verbose wins)
+    parts: dict[str, int] = {}  # TGI's part (router, launcher, server) -> its directive's level
     own: dict[str, int] = {}  # component -> level from its own name (wins over TGI's targets)
     ignored: list[str] = []
     for directive in directives:
@@ -114,20 +117,17 @@ def parse_log_levels(text: str) -> LogLevels:
         if not _TARGET.fullmatch(target):
             raise ValueError(f"invalid log directive '{directive}' (expected LEVEL or TARGET=LEVEL)")
         root = re.split(r"::|\.", target, maxsplit=1)[0]
-        components = TARGETS.get(root)
-        if components is None:
-            if not sep:  # a lone unknown word is a mistyped level far more often than a target
-                raise ValueError(f"invalid log level '{target}' (levels: trace, debug, info, warn, error, off; "
-                                 f"or TARGET=LEVEL)")
+        if root in COMPONENTS:
+            own[root] = level
+        elif root in TGI_TARGETS:
+            parts[TGI_TARGETS[root]] = level
+        elif not sep:  # a lone unknown word is a mistyped level far more often than a target
+            raise ValueError(f"invalid log level '{target}' (levels: trace, debug, info, warn, error, off; "
+                             f"or TARGET=LEVEL)")
+        else:
             ignored.append(directive)
-            continue
-        for component in components:
-            if root == component:
-                own[component] = level
-            else:
-                tgi[component] = min(tgi.get(component, OFF), level)
     fallback = OFF if default is None else default
-    levels = {c: own.get(c, tgi.get(c, fallback)) for c in COMPONENTS}
+    levels = {c: own.get(c, min(parts.get(p, fallback) for p in PARTS[c])) for c in COMPONENTS}
     return LogLevels(text, levels, tuple(ignored))
 
 

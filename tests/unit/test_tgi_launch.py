@@ -44,7 +44,9 @@ D, I, W, E = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
         ("warn,text_generation_launcher=debug", (D, W, D)),  # the launcher relays the engine's logs
         ("text_generation_router=debug", (D, D, OFF)),  # env_filter: nothing else is enabled
         ("text_generation_router::server=debug,info", (D, D, I)),  # a module path: its crate
-        ("info,text_generation_server=warn", (I, I, W)),  # TGI's model server is the engine
+        ("warn,text_generation_server=debug", (W, W, D)),  # TGI's model server is the engine
+        ("debug,text_generation_router=warn", (D, W, D)),  # tgi_compat is the launcher too (debug)
+        ("info,text_generation_server=warn", (I, I, I)),  # TGI's launcher relays the server's logs at info
         ("info,text_generation_router=debug,uvicorn=warn", (D, W, I)),  # our own names win over TGI's
         ("error,vllm=debug,tgi_compat=info", (I, E, D)),
         ("text_generation_launcher", (D, OFF, D)),  # a bare target: trace
@@ -105,7 +107,7 @@ def restore_logging():
 
 def test_setup_applies_levels_here_and_to_vllms_processes(restore_logging, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
-    levels = parse_log_levels("info,text_generation_router=debug,text_generation_server=error")
+    levels = parse_log_levels("info,text_generation_router=debug,vllm=error")
     env: dict[str, str] = {}
     setup_logging(levels, json_output=False, environ=env)
     assert logging.getLogger("tgi_compat").level == D and logging.getLogger("uvicorn.error").level == D
