@@ -2,6 +2,8 @@
 #   docker run --gpus all -p 8080:80 -e MODEL_ID=org/model tgi-compat [extra flags]
 # SageMaker runs `docker run IMAGE serve`: `tgi-compat serve` reads HF_MODEL_ID, SM_NUM_GPUS, ...
 # and listens on 8080, as TGI's sagemaker-entrypoint.sh does.
+# `text-generation-launcher` (TGI's image entrypoint) is the same program, so manifests with
+# `command: [text-generation-launcher, ...]` and `--entrypoint text-generation-launcher` run unchanged.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \

@@ -15,12 +15,19 @@ engine transformers uses). What TGI does around the template is reproduced:
   right after that message's content (as the transformers pipeline does);
 - TGI's template rewrites (gemma3's ``messages[0]['content'][0]['text']``, dropping
   ``{% generation %}`` markers) are applied.
+
+Which template (``load_chat_template``) follows TGI's ``router/src/server.rs`` and
+``infer/mod.rs``: a ``chat_template.json`` beside the tokenizer wins; otherwise the tokenizer
+config's template (``--tokenizer-config-path``'s file replaces the model's); otherwise
+``processor_config.json``'s.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -29,6 +36,11 @@ import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tgi_compat.errors import TemplateError, ToolError
+
+logger = logging.getLogger("tgi_compat")
+
+CHAT_TEMPLATE_JSON = "chat_template.json"  # {"chat_template": "..." | [{"name", "template"}]}
+PROCESSOR_CONFIG_JSON = "processor_config.json"  # a multimodal model's processor; may carry a template
 
 
 def compact_json(value: Any) -> str:
@@ -76,17 +88,7 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer_config(cls, path: str) -> ChatTemplate | None:
         """TGI's --tokenizer-config-path: a tokenizer_config.json's template and special tokens."""
-        import json
-
-        with open(path) as f:
-            data = json.load(f)
-
-        class _Config:  # the attributes from_tokenizer reads, from the JSON
-            chat_template = data.get("chat_template")
-            bos_token = _json_token(data.get("bos_token"))
-            eos_token = _json_token(data.get("eos_token"))
-
-        return cls.from_tokenizer(_Config)
+        return cls.from_tokenizer(_TokenizerConfig(_read_json(path) or {}))
 
     def render(self, messages: list[dict[str, str]], tools: list[dict] | None = None, tool_prompt: str = "") -> str:
         """``messages`` already flattened (``flatten_message``); ``tools`` as TGI
@@ -124,6 +126,90 @@ class ChatTemplate:
             if cut >= 0:
                 rendered = rendered[: cut + len(final["content"])].rstrip()
         return rendered
+
+
+class _TokenizerConfig:
+    """The attributes ``from_tokenizer`` reads, from a tokenizer_config.json's contents."""
+
+    def __init__(self, data: dict, chat_template=None):
+        self.chat_template = chat_template if chat_template is not None else data.get("chat_template")
+        self.bos_token = _json_token(data.get("bos_token"))
+        self.eos_token = _json_token(data.get("eos_token"))
+
+
+def _read_json(path: str | Path) -> dict | None:
+    """A JSON object from a file, or None (logged) when it cannot be read, as TGI skips it."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        logger.warning("could not read %s: %s", path, e)
+        return None
+    if not isinstance(data, dict):
+        logger.warning("could not read %s: not a JSON object", path)
+        return None
+    return data
+
+
+def find_model_file(name_or_path: str, filename: str, revision: str | None = None,
+                    cache_dir: str | None = None) -> Path | None:
+    """One of the model's files, as TGI looks for chat_template.json: beside the tokenizer in a
+    local directory, else in the Hub repository (the cache first; absent, offline or gated: None)."""
+    if not name_or_path:
+        return None
+    local = Path(name_or_path)
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+        if cached is not None:  # the cache knows the repository has no such file
+            return None
+        return Path(hf_hub_download(name_or_path, filename, revision=revision, cache_dir=cache_dir))
+    except Exception:  # no such file, offline, gated, not a repository id: TGI's `.ok()`
+        return None
+
+
+def load_chat_template(hf_tokenizer, tokenizer_config_path: str | None = None, *, revision: str | None = None,
+                       cache_dir: str | None = None) -> tuple[ChatTemplate | None, str]:
+    """(template, where it came from) by TGI's precedence (``router/src/server.rs``):
+    chat_template.json beside the tokenizer overrides the template of the tokenizer config,
+    which is ``--tokenizer-config-path``'s file when given (bos/eos tokens too), else the
+    tokenizer's own (tokenizer_config.json or chat_template.jinja)."""
+    if tokenizer_config_path:
+        config = _TokenizerConfig(_read_json(tokenizer_config_path) or {})
+        origin = f"--tokenizer-config-path {tokenizer_config_path}"
+    else:
+        config = hf_tokenizer
+        origin = "the tokenizer's config (tokenizer_config.json / chat_template.jinja)"
+    model = getattr(hf_tokenizer, "name_or_path", "") or ""
+    standalone = find_model_file(model, CHAT_TEMPLATE_JSON, revision, cache_dir)
+    if standalone is not None:
+        data = _read_json(standalone)
+        if data is not None and isinstance(data.get("chat_template"), (str, list)):
+            config = _TokenizerConfig({"bos_token": _token_str(config.bos_token), "eos_token": _token_str(config.eos_token)},
+                                      chat_template=data["chat_template"])
+            origin = f"{CHAT_TEMPLATE_JSON} ({standalone})"
+        elif data is not None:
+            logger.warning("could not read %s: no `chat_template` string or list", standalone)
+    if not getattr(config, "chat_template", None):  # TGI's last resort: processor_config.json's template
+        processor = find_model_file(model, PROCESSOR_CONFIG_JSON, revision, cache_dir)
+        data = _read_json(processor) if processor is not None else None
+        if data and isinstance(data.get("chat_template"), (str, list)):
+            config = _TokenizerConfig({"bos_token": _token_str(config.bos_token), "eos_token": _token_str(config.eos_token)},
+                                      chat_template=data["chat_template"])
+            origin = f"{PROCESSOR_CONFIG_JSON} ({processor})"
+    try:
+        template = ChatTemplate.from_tokenizer(config)
+    except jinja2.TemplateError as e:  # TGI fails to start on a template minijinja cannot compile
+        from tgi_compat.config import ConfigError
+
+        raise ConfigError(f"the chat template from {origin} does not compile: {e}") from None
+    return template, origin if template is not None else "none: chat requests answer 422 `template not found`"
 
 
 def _json_token(token) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tgi_compat.logs import LogLevels, parse_log_levels
+
 # ``--model-id embedded:<name>``: models built offline for tests and demos (module, builder).
 EMBEDDED_MODELS = {
     "tiny": ("tgi_compat.tiny_model", "build_tiny_model"),
@@ -45,7 +47,7 @@ class Config:
     health_probe_timeout: float = 10.0
     engine_failure_grace: float = 5.0
     stay_up_on_engine_failure: bool = False
-    log_level: str = "info"
+    log_level: LogLevels = field(default_factory=lambda: parse_log_levels("info"))  # TGI's LOG_LEVEL
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
     lora_adapters: str | None = None

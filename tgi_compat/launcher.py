@@ -34,6 +34,7 @@ from typing import Any
 
 from tgi_compat import version_text
 from tgi_compat.config import EMBEDDED_MODELS, Config, ConfigError
+from tgi_compat.logs import parse_log_levels
 
 MAPPED, NO_EFFECT = "mapped", "no-effect"
 ENV = "ENV"  # marker: the env var is the flag's name in UPPER_SNAKE (clap's `env`)
@@ -126,6 +127,20 @@ class Flag:
     @property
     def flag(self) -> str:
         return f"--{self.name}"
+
+    @property
+    def on_command_line(self) -> bool:
+        """TGI's environment-only variables have no flag (``origin="env"``)."""
+        return self.origin != "env"
+
+    @property
+    def shown_names(self) -> str:
+        """How --help and the README name it."""
+        if not self.on_command_line:
+            return ", ".join(f"`{v}`" for v in (self.env_var, *self.env_aliases))
+        short = f"`-{self.short}`, " if self.short else ""
+        env = f" (`{self.env_var}`)" if self.env_var else ""
+        return f"{short}`{self.flag}`{env}"
 
 
 def _set(field: str) -> Callable[[Any, Mapping[str, Any]], dict[str, Any]]:
@@ -354,6 +369,32 @@ FLAGS: tuple[Flag, ...] = (
     # --- TGI's router-only flags ---
     Flag("max-image-fetch-size", "Largest image a request may make the server fetch, in bytes.",
          "largest image body fetched (or data URI decoded) for image inputs (TGI's router flag, not the launcher's)", parse=usize, default=1_073_741_824, origin="router"),
+    # --- TGI's environment variables without a flag (read by its launcher or model server) ---
+    Flag("prefix-caching", "Reuse the KV cache of shared prompt prefixes; TGI's launcher decides per model "
+         "when unset. `USE_PREFIX_CACHING` is TGI 2's name.",
+         "vLLM `--enable-prefix-caching` (1/true) or `--no-enable-prefix-caching` (0/false); unset: vLLM's "
+         "default (on for most models)", parse=boolean, dest=None, env_aliases=("USE_PREFIX_CACHING",),
+         engine=lambda v, _: {"enable_prefix_caching": v}, origin="env"),
+    Flag("attention", "The attention kernels: paged, flashdecoding, flashinfer, flashdecoding-ipex.",
+         "no effect: vLLM picks its attention backend per GPU and model (vLLM `--attention-backend` "
+         "chooses one)", status=NO_EFFECT, parse=choice("paged", "flashdecoding", "flashinfer",
+                                                         "flashdecoding-ipex"), dest=None, origin="env"),
+    Flag("prefill-chunking", "Prefill long prompts in chunks (default 1).",
+         "no effect: vLLM chunks long prompts by itself (chunked prefill); vLLM `--no-enable-chunked-prefill` "
+         "turns that off, which vLLM warns may break models that expect it", status=NO_EFFECT, parse=boolean,
+         dest=None, origin="env"),
+    Flag("use-flash-attention", "`false` keeps TGI off its flash-attention models.",
+         "no effect: vLLM picks its attention backend per GPU and model (vLLM `--attention-backend`)",
+         status=NO_EFFECT, dest=None, origin="env"),
+    Flag("disable-exllama", "`True` keeps GPTQ models off the exllama kernels.",
+         "no effect: vLLM picks its GPTQ kernels (Marlin where the GPU supports it)", status=NO_EFFECT,
+         dest=None, origin="env"),
+    Flag("exllama-version", "The exllama GPTQ kernels' version (1 or 2).",
+         "no effect: vLLM picks its GPTQ kernels (Marlin where the GPU supports it)", status=NO_EFFECT,
+         dest=None, origin="env"),
+    Flag("tgi-wiggle-room", "Share of the free GPU memory the KV cache may take after warm-up (0.90).",
+         "no effect: vLLM sizes its KV cache from `--cuda-memory-fraction` (vLLM `--gpu-memory-utilization`)",
+         status=NO_EFFECT, parse=real, dest=None, origin="env"),
     # --- ours ---
     Flag("image-fetch-timeout", "", "seconds to fetch one image: DNS, connection, redirects, body", parse=real,
          default=10.0, origin="ours"),
@@ -376,7 +417,11 @@ FLAGS: tuple[Flag, ...] = (
          parse=real, default=5.0, origin="ours"),
     Flag("stay-up-on-engine-failure", "", "keep serving 503s after the engine dies instead of exiting",
          kind="switch", parse=boolean, default=False, origin="ours"),
-    Flag("log-level", "", "log level (TGI reads LOG_LEVEL too)", default="info", origin="ours"),
+    Flag("log-level", "", "TGI's LOG_LEVEL (its env var; the flag is ours): a level (trace, debug, info, warn, "
+         "error, off) or comma-separated TARGET=LEVEL directives as Rust's env_filter reads them; "
+         "text_generation_router/_launcher/_server map onto our tgi_compat, uvicorn and vllm logs, other "
+         "targets are named in a start-up line", parse=parse_log_levels, default=parse_log_levels("info"),
+         default_text="info", origin="ours"),
     Flag("send-timeout", "", "close a connection whose client has acknowledged no byte for this many seconds "
          "while a response waits; its generation is aborted and its permit released (nginx's send_timeout)",
          parse=real, default=60.0, origin="ours"),
@@ -408,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("-V", "--version", action="version", version=version_text())
     for f in FLAGS:
+        if not f.on_command_line:
+            continue
         names = [*(f"-{f.short}",) * bool(f.short), f.flag, *(f"--{a}" for a in f.aliases)]
         dest = f.name.replace("-", "_")
         if f.kind == "switch":
@@ -520,14 +567,14 @@ def _make_config(values: dict[str, Any], sources: dict[str, str], rest: list[str
         overrides["tensor_parallel_size"] = num_shard
         key = "num_shard" if "num_shard" in sources else "sharded"
         origin["tensor_parallel_size"] = _shown(sources[key], values[key]) if key in sources else "the visible GPUs"
+    if "log_level" in sources and (line := values["log_level"].notice(_shown(sources["log_level"], values["log_level"]))):
+        notices.append(line)
     if values["usage_stats"] == "off":
         notices.append("`--usage-stats off`: vLLM's usage report is off (VLLM_NO_USAGE_STATS=1)")
     explicit = check_engine_flags(rest)
     for field in sorted(set(overrides) & set(explicit)):
         if explicit[field] != overrides[field]:
-            notices.append(
-                f"vLLM flag `--{field.replace('_', '-')} {explicit[field]}` wins over `{origin[field]}`"
-            )
+            notices.append(f"vLLM flag `{_vllm_shown(field, explicit[field])}` wins over `{origin[field]}`")
         del overrides[field]
     fields = {f.field: values[f.name.replace("-", "_")] for f in FLAGS if f.field in Config.__dataclass_fields__}
     fields.pop("num_shard")
@@ -540,6 +587,14 @@ def _make_config(values: dict[str, Any], sources: dict[str, str], rest: list[str
         notices=notices,
     )
     return config
+
+
+def _vllm_shown(field: str, value: Any) -> str:
+    """An explicit vLLM flag as given: `--max-num-seqs 8`, `--no-enable-prefix-caching`."""
+    name = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
 
 
 def _shown(source: str, value: Any) -> str:
@@ -891,18 +946,23 @@ def help_text() -> str:
         "HF_MODEL_TRUST_REMOTE_CODE and listens on 8080. Flags not listed here are vLLM engine flags,",
         "passed to vLLM (listed after these); where they set what a TGI flag set, the vLLM flag wins.",
     ]
-    sections = [("TGI launcher flags", "launcher"), ("TGI router flags", "router"), ("tgi-compat flags", "ours")]
+    sections = [("TGI launcher flags", "launcher"), ("TGI router flags", "router"),
+                ("TGI environment variables (no flag; read by TGI's launcher or model server)", "env"),
+                ("tgi-compat flags", "ours")]
     wrap = functools.partial(textwrap.fill, width=100, initial_indent=" " * 10, subsequent_indent=" " * 10)
     for title, origin in sections:
         out += ["", f"{title}:"]
         for f in (f for f in FLAGS if f.origin == origin):
-            names = ", ".join([*(f"-{f.short}",) * bool(f.short), f.flag, *(f"--{a}" for a in f.aliases)])
-            out.append(f"  {names}{_metavar(f)}")
+            if f.on_command_line:
+                names = ", ".join([*(f"-{f.short}",) * bool(f.short), f.flag, *(f"--{a}" for a in f.aliases)])
+                out.append(f"  {names}{_metavar(f)}")
+            else:
+                out.append(f"  {', '.join((f.env_var, *f.env_aliases))}")
             if f.help:
                 out.append(wrap(f.help))
             out.append(wrap(f"Here: {f.how}"))
             tail = []
-            if f.env_var:
+            if f.env_var and f.on_command_line:
                 tail.append(f"[env: {f.env_var}]")
             if (d := _default_text(f)) is not None:
                 tail.append(f"[default: {d}]")
@@ -919,9 +979,7 @@ def migration_table() -> str:
     for f in FLAGS:
         if f.origin == "ours":
             continue
-        env = f" (`{f.env_var}`)" if f.env_var else ""
-        short = f"`-{f.short}`, " if f.short else ""
         status = {MAPPED: "mapped", NO_EFFECT: "accepted, no effect"}[f.status]
         how = f.how.removeprefix("no effect: ")
-        rows.append(f"| {short}`{f.flag}`{env} | {_default_text(f) or ''} | **{status}**: {how} |")
+        rows.append(f"| {f.shown_names} | {_default_text(f) or ''} | **{status}**: {how} |")
     return "\n".join(rows)

@@ -1,6 +1,6 @@
 """HTTP plumbing around the routes: the ``--api-key`` check (a route dependency), and ASGI
 middleware that must see the raw request: the payload limit (and when the app learns of
-a disconnect, for the dropped-request record)."""
+a disconnect, for the dropped-request record), and ``HEAD`` on every GET route."""
 
 from __future__ import annotations
 
@@ -81,3 +81,33 @@ class PayloadLimitMiddleware:
         except BodyError as e:
             if not started:
                 await e.response()(scope, receive, send)
+
+
+class HeadAsGetMiddleware:
+    """``HEAD`` answered as the ``GET`` of the same path, without the body (axum's ``get``
+    routes answer HEAD so; load balancers and uptime checkers probe with it).
+
+    One mechanism for every GET route: the request goes to the app as a GET, and the
+    response's status and headers (``content-length`` included) are sent as they are,
+    with an empty body. A path with no GET route answers as its GET would (405, 404).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def send_headers_only(message: Message) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.start":
+                await send(message)
+            elif message["type"] == "http.response.body" and not ended:
+                # The first body message ends the response; the rest of the body is dropped.
+                ended = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)

@@ -27,7 +27,7 @@ from starlette.responses import Response
 import tgi_compat
 from tgi_compat import openapi
 from tgi_compat.admission import ConcurrencyLimiter
-from tgi_compat.chat_template import ChatTemplate
+from tgi_compat.chat_template import load_chat_template
 from tgi_compat.config import Config, ConfigError
 from tgi_compat.connection import ConnectionGuard, drop_record, resolve_max_connections
 from tgi_compat.errors import install_handlers
@@ -35,7 +35,7 @@ from tgi_compat.info_router import METRICS_CONTENT_TYPE, render_metrics
 from tgi_compat.info_router import build_router as build_info_router
 from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.metrics import TGIMetrics
-from tgi_compat.middleware import PayloadLimitMiddleware, bearer_auth
+from tgi_compat.middleware import HeadAsGetMiddleware, PayloadLimitMiddleware, bearer_auth
 from tgi_compat.openai.api_router import build_router as build_openai_router
 from tgi_compat.openai.serving import OpenAIServing
 from tgi_compat.tgi.api_router import build_router as build_tgi_router
@@ -154,6 +154,7 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
         allow_headers=["content-type"],
     )
     app.add_middleware(PayloadLimitMiddleware, limit=config.payload_limit)
+    app.add_middleware(HeadAsGetMiddleware)  # outermost: HEAD on every GET route
     return app
 
 
@@ -200,10 +201,9 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
     state.info = info = _info(config, engine, max_input, max_total)
     # TGI's `/` defaults return_full_text to true for text-generation or unknown tags.
     state.tgi = TGIServing(state.infer, full_text_default=info["model_pipeline_tag"] in (None, "text-generation"))
-    if config.tokenizer_config_path:  # TGI's --tokenizer-config-path: its chat template wins
-        template = ChatTemplate.from_tokenizer_config(config.tokenizer_config_path)
-    else:
-        template = ChatTemplate.from_tokenizer(engine.tokenizer.hf)
+    template, template_origin = load_chat_template(engine.tokenizer.hf, config.tokenizer_config_path,
+                                                   **_tokenizer_location(engine.engine_args))
+    logger.info("chat template: %s", template_origin)
     state.openai = OpenAIServing(
         state.infer,
         template,
@@ -234,6 +234,14 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
                 engine.shutdown()
             except Exception:  # a dead engine may fail to shut down cleanly
                 logger.exception("engine shutdown failed")
+
+
+def _tokenizer_location(engine_args) -> dict:
+    """Where the served tokenizer's files come from (revision, hub cache), for its chat_template.json."""
+    return {
+        "revision": getattr(engine_args, "tokenizer_revision", None) or getattr(engine_args, "revision", None),
+        "cache_dir": getattr(engine_args, "download_dir", None),
+    }
 
 
 def _image_fetcher(config: Config, engine):
@@ -342,7 +350,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
             loop="uvloop",
             # httptools, with the connection guards (send/read timeouts, cap, keepalive).
             http=app.state.connections.protocol_class(),
-            log_level=config.log_level,
+            log_level=config.log_level.levels["uvicorn"],
             log_config=log_config,
             access_log=False,
             # uvicorn's default (5 s) is shorter than clients' pool timeouts (aiohttp 15 s):
