@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import ROOT
 from tgi_compat import launcher
-from tgi_compat.config import ConfigError, parse_config
+from tgi_compat.config import ConfigError
+from tgi_compat.launcher import parse_config
 from tgi_compat.logs import OFF, logging_dict_config, parse_log_levels, setup_logging
 
 D, I, W, E = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
