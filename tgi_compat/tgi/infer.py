@@ -531,7 +531,7 @@ class Infer:
     async def frames(
         self, req: GenerateRequest, r: RequestContext, fmt: StreamFormat, *, add_special_tokens: bool = True
     ) -> AsyncIterator[bytes]:
-        """SSE frames of one streamed generation: this is where tokens become frames.
+        """SSE frames of one streamed generation (tokens become frames in ``_stream``).
 
         Admission, validation, disconnect abort, metrics and logs are the same for every
         streaming route; ``fmt`` (the route's ``StreamFormat``) shapes the events. Tokens
@@ -583,7 +583,8 @@ class Infer:
                         yield frame
 
     async def _stream(self, gen: Generation, r: RequestContext, fmt: StreamFormat) -> AsyncIterator[bytes]:
-        """The frames of one admitted generation, and its outcome (the caller holds its permit)."""
+        """The frames of one admitted generation (this is where tokens become frames), and
+        its outcome; the caller holds its permit."""
         finished = False
         sent = 0
         try:
