@@ -6,6 +6,11 @@ engine transformers uses). What TGI does around the template is reproduced:
 - every message is flattened to ``{"role", "content"}`` with ``content`` a string: text
   chunks are joined, an image chunk becomes ``![](url)``, a message carrying
   ``tool_calls`` gets them as compact JSON text;
+- beyond TGI: a template that reads ``tool_calls`` (Llama 3.1, Qwen 2.5, Mistral...)
+  gets an assistant message's calls as data instead, in OpenAI's shape with
+  ``arguments`` parsed to a mapping (as vLLM and transformers hand them over), and one
+  that reads ``tool_call_id`` gets it on tool messages (``ChatTemplate.message``). Both
+  are found in the template's AST, as ``tools`` is;
 - the template sees ``messages``, ``bos_token``, ``eos_token``,
   ``add_generation_prompt=True`` and ``tools``, plus ``raise_exception`` and
   ``strftime_now``;
@@ -28,11 +33,12 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
 import jinja2.ext
 import jinja2.meta
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tgi_compat.errors import TemplateError, ToolError
@@ -68,8 +74,13 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self.template = env.from_string(source)
+        ast = env.parse(source)
         # A template that does not read `tools` gets them appended to the last message.
-        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(ast)
+        # One that reads these gets them as data; others keep TGI's flattened text.
+        names = _names_read(ast)
+        self.reads_tool_calls = "tool_calls" in names
+        self.reads_tool_call_id = "tool_call_id" in names
         self.bos_token = bos_token
         self.eos_token = eos_token
 
@@ -90,8 +101,24 @@ class ChatTemplate:
         """TGI's --tokenizer-config-path: a tokenizer_config.json's template and special tokens."""
         return cls.from_tokenizer(_TokenizerConfig(_read_json(path) or {}))
 
+    def message(self, role: str, content: Any, tool_calls: list[ToolCallIn] | None = None,
+                tool_call_id: str | None = None) -> dict[str, Any]:
+        """One request message as this template gets it: TGI's flattened text, with
+        ``tool_calls`` / ``tool_call_id`` as data when the template reads them."""
+        if tool_calls is not None and self.reads_tool_calls:
+            # vLLM's shape: content "" when absent (templates concatenate it), the key
+            # only when there are calls (Llama 3.1 tests `'tool_calls' in message`).
+            m = flatten_message(role, "" if content is None else content, None)
+            m["tool_calls"] = [_structured_call(c) for c in tool_calls]
+            m["_tool_calls"] = "structured"
+        else:
+            m = flatten_message(role, content, None if tool_calls is None else [_flat_call(c) for c in tool_calls])
+        if tool_call_id is not None and self.reads_tool_call_id:
+            m["tool_call_id"] = tool_call_id
+        return m
+
     def render(self, messages: list[dict[str, str]], tools: list[dict] | None = None, tool_prompt: str = "") -> str:
-        """``messages`` already flattened (``flatten_message``); ``tools`` as TGI
+        """``messages`` already flattened (``message`` / ``flatten_message``); ``tools`` as TGI
         serializes them (``Tool`` with ``arguments`` as a JSON string)."""
         messages = [dict(m) for m in messages]
         if tools is not None:
@@ -105,6 +132,9 @@ class ChatTemplate:
             if messages and not messages[-1].get("_tool_calls"):
                 messages[-1]["content"] += extra
         final = messages[-1] if messages else None
+        # A final assistant message is continued after its content; one whose calls the
+        # template renders itself has no content of ours to cut after.
+        continue_final = final is not None and final["role"] == "assistant" and final.get("_tool_calls") != "structured"
         for m in messages:
             m.pop("_tool_calls", None)
         try:
@@ -121,7 +151,7 @@ class ChatTemplate:
             raise TemplateError(str(e)) from None
         except Exception as e:  # a template can fail in many ways at render time
             raise TemplateError(f"{type(e).__name__}: {e}") from None
-        if final is not None and final["role"] == "assistant":
+        if continue_final:
             cut = rendered.rfind(final["content"])
             if cut >= 0:
                 rendered = rendered[: cut + len(final["content"])].rstrip()
@@ -210,6 +240,49 @@ def load_chat_template(hf_tokenizer, tokenizer_config_path: str | None = None, *
 
         raise ConfigError(f"the chat template from {origin} does not compile: {e}") from None
     return template, origin if template is not None else "none: chat requests answer 422 `template not found`"
+
+
+class ToolCallIn(NamedTuple):
+    """A tool call of an assistant message, as the request gave it."""
+
+    id: str
+    type: str
+    name: str
+    description: str | None
+    arguments: Any
+
+
+def _flat_call(call: ToolCallIn) -> dict[str, Any]:
+    """TGI's ``ToolCall`` as serialized into flattened text: ``arguments`` as JSON text."""
+    return {"id": call.id, "type": call.type,
+            "function": {"description": call.description, "name": call.name, "arguments": compact_json(call.arguments)}}
+
+
+def _structured_call(call: ToolCallIn) -> dict[str, Any]:
+    """OpenAI's tool-call shape, ``arguments`` a mapping as vLLM hands it to templates
+    (``_postprocess_messages``): a JSON string is parsed; anything that is not an object
+    (empty, invalid JSON, a list...) becomes ``{}`` so the conversation can go on."""
+    args = call.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args else {}
+        except ValueError:
+            args = {}
+    if not isinstance(args, dict):
+        args = {}
+    return {"id": call.id, "type": call.type, "function": {"name": call.name, "arguments": args}}
+
+
+def _names_read(ast: nodes.Template) -> set[str]:
+    """Every attribute a template reads (``m.x``) and every string constant in it, which
+    covers ``m['x']``, ``'x' in m`` and ``selectattr('x')``."""
+    names = set()
+    for node in ast.find_all((nodes.Getattr, nodes.Const)):
+        if isinstance(node, nodes.Getattr):
+            names.add(node.attr)
+        elif isinstance(node.value, str):
+            names.add(node.value)
+    return names
 
 
 def _json_token(token) -> str | None:

@@ -62,6 +62,8 @@ class Message(_Wire):
     content: str | list[MessageChunk] | None = Field(None, examples=["What is Deep Learning?"])
     tool_calls: list[ToolCall] | None = None
     name: str | None = None
+    tool_call_id: str | None = Field(None, description="On a tool message: the call it answers. Given to "
+                                     "templates that read it (not in TGI).")
 
     @model_validator(mode="after")
     def _body(self) -> Message:
@@ -126,7 +128,8 @@ class ChatRequest(_Wire):
     max_tokens: U32 | None = Field(
         None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"), examples=[32]
     )
-    n: U32 | None = Field(None, description="Ignored (as TGI): one choice is returned.")
+    n: U32 | None = Field(None, description="Choices to generate, 1 to --max-best-of (TGI ignores it); "
+                          "each holds a permit. Not with tools.", examples=[1])
     presence_penalty: F32 | None = Field(None, description="Sent to the engine as repetition_penalty = presence_penalty + 2 (TGI's mapping).")
     stop: list[str] | None = Field(None, examples=[None])
     stream: bool = False
@@ -183,6 +186,8 @@ class CompletionRequest(_Wire):
     repetition_penalty: F32 | None = None
     frequency_penalty: F32 | None = Field(None, examples=[1.0])
     stop: list[str] | None = None
+    n: U32 | None = Field(None, description="Choices per prompt, 1 to --max-best-of (TGI ignores it); each "
+                          "holds a permit. Prompt i's choice j has index i * n + j.", examples=[1])
 
     @field_validator("stop", mode="before")
     @classmethod

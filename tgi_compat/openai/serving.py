@@ -1,10 +1,13 @@
 """TGI's OpenAI-compatible routes over the same generation core as its native routes.
 
-A chat or completion request becomes one ``GenerateRequest`` per generation (TGI's
+A chat or completion request becomes one ``GenerateRequest`` per prompt (TGI's
 ``try_into_generate``) and runs through ``Infer.run`` / ``Infer.frames`` (tgi/infer.py):
 the same admission permits, validation, engine seam, disconnect abort, metrics and log
-lines. Only the shapes of the answers differ, and those live here: the chat and
-completion bodies, and their stream events (``ChatStreamFormat``, ``CompletionStreamFormat``).
+lines. With OpenAI's ``n`` > 1 (beyond TGI, which ignores it) a prompt runs through
+``Infer.run_choices`` / ``Infer.choice_frames`` instead: ``n`` generations under ``n``
+permits taken at once. Only the shapes of the answers differ, and those live here: the
+chat and completion bodies, and their stream events (``ChatStreamFormat``,
+``CompletionStreamFormat``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tgi_compat.chat_template import ChatTemplate, flatten_message
-from tgi_compat.errors import RouteError, TemplateError, TGIError, ToolError, openai_stream_error
+from tgi_compat.chat_template import ChatTemplate, ToolCallIn
+from tgi_compat.errors import RouteError, TemplateError, TGIError, ToolError, ValidationError, openai_stream_error
 from tgi_compat.openai import tools as tooling
 from tgi_compat.openai.protocol import ChatRequest, CompletionRequest
 from tgi_compat.sse import data_frame, frame_template
@@ -52,6 +55,16 @@ class OpenAIServing:
 
     # --- request mapping (TGI's ChatRequest::try_into_generate) ---
 
+    def choices(self, n: int | None) -> int:
+        """OpenAI's ``n``, bounded as TGI bounds ``best_of`` (the same thing: generations
+        of one prompt, one permit each): 1..--max-best-of."""
+        if n is None:
+            return 1
+        cap = self.infer.limits.max_best_of
+        if not 1 <= n <= cap:
+            raise ValidationError(f"`n` must be > 0 and <= {cap}. Given: {n}")
+        return n
+
     def _adapter(self, model: str | None) -> str | None:
         # TGI passes any model name as adapter_id and silently falls back to the base
         # model for unknown ones; clients send names like "dummy" or "gpt-4", so only a
@@ -62,7 +75,8 @@ class OpenAIServing:
         """(templated prompt, grammar, using_tools)."""
         if self.template is None:
             raise TemplateError("template not found")
-        messages = [flatten_message(m.role, _content(m.content), _dump_calls(m.tool_calls)) for m in chat.messages]
+        messages = [self.template.message(m.role, _content(m.content), _calls(m.tool_calls), m.tool_call_id)
+                    for m in chat.messages]
         fmt = chat.response_format.grammar() if chat.response_format is not None else None
         if fmt is not None and chat.tools is not None and with_tools:
             raise ToolError("Grammar and tools are mutually exclusive")
@@ -125,31 +139,70 @@ class OpenAIServing:
     async def chat(self, chat: ChatRequest, request: Request, *, route: str = "/v1/chat/completions") -> Response:
         r = RequestContext(request, route)
         try:
+            n = self.choices(chat.n)
             gen_req, using_tools = self.chat_request(chat)
+            if n > 1 and using_tools:
+                # A tool call per choice, each with TGI's `no_tool` second generation, is
+                # not supported: refused rather than answered with one choice.
+                raise ValidationError("`n` must be 1 when tools are used")
         except TGIError as e:
             return self.infer.refuse(r, e)
+        if n > 1:
+            return await self._chat_choices(chat, gen_req, n, r, request)
         if chat.stream:
             frames = self._chat_frames(chat, gen_req, using_tools, r, request)
             return self.infer.stream_response(r, frames, len(gen_req.inputs))
 
         def render(result: tuple) -> tuple[dict, list]:
             gen, t, message = result
-            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
-                                      "finish_reason": openai_finish_reason(gen.finish_reason)}
-            if chat.logprobs:
-                choice["logprobs"] = {"content": [_logprob(gen, i) for i in range(len(gen.ids))]}
-            body = {
-                "object": "chat.completion",
-                "id": "",
-                "created": int(time.time()),
-                "model": self._model(chat),
-                "system_fingerprint": self.fingerprint,
-                "choices": [choice],
-                "usage": _usage(gen.valid.input_length, len(gen.ids)),
-            }
+            body = self._chat_body(chat, [_chat_choice(0, gen, message, chat.logprobs)],
+                                   _usage(gen.valid.input_length, len(gen.ids)))
             return body, [(gen, t, len(gen_req.inputs))]
 
         return await self.infer.respond(request, r, self._chat_run(chat, gen_req, using_tools, r, request), render)
+
+    def _chat_body(self, chat: ChatRequest, choices: list[dict], usage: dict) -> dict:
+        return {
+            "object": "chat.completion",
+            "id": "",
+            "created": int(time.time()),
+            "model": self._model(chat),
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    async def _chat_choices(self, chat: ChatRequest, gen_req: GenerateRequest, n: int, r: RequestContext,
+                            request: Request) -> Response:
+        """``n`` > 1 choices (never with tools): ``n`` generations of the one prompt."""
+        if chat.stream:
+            return self.infer.stream_response(r, self._chat_choice_frames(chat, gen_req, n, r), len(gen_req.inputs))
+
+        def render(result: list) -> tuple[dict, list]:
+            choices = [_chat_choice(j, gen, {"role": "assistant", "content": gen.generated_text()}, chat.logprobs)
+                       for j, (gen, _t) in enumerate(result)]
+            # The prompt is counted once (OpenAI's and vLLM's usage), the completions all.
+            usage = _usage(result[0][0].valid.input_length, sum(len(gen.ids) for gen, _t in result))
+            runs = [(gen, t, len(gen_req.inputs) if j == 0 else 0) for j, (gen, t) in enumerate(result)]
+            return self._chat_body(chat, choices, usage), runs
+
+        work = self.infer.run_choices(gen_req, r, n, add_special_tokens=False)
+        return await self.infer.respond(request, r, work, render)
+
+    async def _chat_choice_frames(self, chat: ChatRequest, gen_req: GenerateRequest, n: int,
+                                  r: RequestContext) -> AsyncIterator[bytes]:
+        """The chunks of ``n`` choices interleaved as they come, each with its ``index``;
+        with ``include_usage``, one usage chunk summing every choice once all finished."""
+        include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+        fmts = [ChatStreamFormat(self._model(chat), self.fingerprint, bool(chat.logprobs), False, index=j)
+                for j in range(n)]
+        async with aclosing(self.infer.choice_frames(gen_req, r, fmts, add_special_tokens=False)) as frames:
+            async for frame in frames:
+                yield frame
+        if include_usage and all(f.done is not None for f in fmts):
+            gens = [f.done for f in fmts]
+            yield fmts[0].usage_frame(_usage(gens[0].valid.input_length, sum(len(g.ids) for g in gens)))
+        yield DONE_FRAME
 
     async def _chat_run(self, chat: ChatRequest, gen_req: GenerateRequest, using_tools: bool,
                         r: RequestContext, request: Request):
@@ -195,25 +248,37 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, request: Request, *, route: str = "/v1/completions") -> Response:
         r = RequestContext(request, route)
         try:
+            n = self.choices(req.n)
             gen_reqs = self.completion_requests(req)
         except TGIError as e:
             return self.infer.refuse(r, e)
         contexts = [r] + [RequestContext(request, route, request_id=r.id) for _ in gen_reqs[1:]]
         if req.stream:
-            streams = [
-                self.infer.frames(g, c, CompletionStreamFormat(i, self.model_id, self.fingerprint))
-                for i, (g, c) in enumerate(zip(gen_reqs, contexts))
-            ]
+            if n == 1:
+                streams = [
+                    self.infer.frames(g, c, CompletionStreamFormat(i, self.model_id, self.fingerprint))
+                    for i, (g, c) in enumerate(zip(gen_reqs, contexts))
+                ]
+            else:  # OpenAI's indices: prompt i, choice j -> i * n + j
+                streams = [
+                    self.infer.choice_frames(
+                        g, c, [CompletionStreamFormat(i * n + j, self.model_id, self.fingerprint) for j in range(n)])
+                    for i, (g, c) in enumerate(zip(gen_reqs, contexts))
+                ]
             return self.infer.stream_response(r, merged(streams, tail=DONE_FRAME), sum(len(g.inputs) for g in gen_reqs))
 
         def render(result: list) -> tuple[dict, list]:
+            per_prompt = [[run] for run in result] if n == 1 else result
             choices = []
+            runs = []
             prompt_tokens = completion_tokens = 0
-            for i, (gen, _t) in enumerate(result):
-                choices.append({"index": i, "text": gen.generated_text(), "logprobs": None,
-                                "finish_reason": openai_finish_reason(gen.finish_reason)})
-                prompt_tokens += gen.valid.input_length
-                completion_tokens += len(gen.ids)
+            for i, (prompt_runs, g) in enumerate(zip(per_prompt, gen_reqs)):
+                prompt_tokens += prompt_runs[0][0].valid.input_length  # once per prompt
+                for j, (gen, t) in enumerate(prompt_runs):
+                    choices.append({"index": i * n + j, "text": gen.generated_text(), "logprobs": None,
+                                    "finish_reason": openai_finish_reason(gen.finish_reason)})
+                    completion_tokens += len(gen.ids)
+                    runs.append((gen, t, len(g.inputs) if j == 0 else 0))
             body = {
                 "object": "text_completion",
                 "id": "",
@@ -223,9 +288,12 @@ class OpenAIServing:
                 "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens),
             }
-            return body, [(gen, t, len(g.inputs)) for (gen, t), g in zip(result, gen_reqs)]
+            return body, runs
 
-        work = all_or_nothing([self.infer.run(g, c) for g, c in zip(gen_reqs, contexts)])
+        if n == 1:
+            work = all_or_nothing([self.infer.run(g, c) for g, c in zip(gen_reqs, contexts)])
+        else:
+            work = all_or_nothing([self.infer.run_choices(g, c, n) for g, c in zip(gen_reqs, contexts)])
         return await self.infer.respond(request, r, work, render)
 
     # --- /chat_tokenize ---
@@ -250,8 +318,10 @@ class ChatStreamFormat(StreamFormat):
     ``ended`` and sends nothing more (the route then generates again, without tools)."""
 
     def __init__(self, model: str, fingerprint: str, logprobs: bool, include_usage: bool,
-                 tool_id: str | None = None):
+                 tool_id: str | None = None, index: int = 0):
         self.model = model
+        self._choice_head = b'{"index":' + str(index).encode() + b',"delta":'
+        self.done: Generation | None = None  # the generation, once its final chunk is made
         self.fingerprint = fingerprint
         self.logprobs = logprobs
         self.include_usage = include_usage
@@ -283,7 +353,7 @@ class ChatStreamFormat(StreamFormat):
     def _frame(self, gen: Generation, i: int, delta: bytes, finish_reason: str | None) -> bytes:
         lp = _dumps({"content": [_logprob(gen, i)]}) if self.logprobs else b"null"
         fr = b"null" if finish_reason is None else _dumps(finish_reason)
-        return (self._prefix() + b'{"index":0,"delta":' + delta + b',"logprobs":' + lp
+        return (self._prefix() + self._choice_head + delta + b',"logprobs":' + lp
                 + b',"finish_reason":' + fr + _CHOICE_TAIL)
 
     def _tool_chunk(self, gen: Generation, i: int, finish_reason: str | None) -> bytes:
@@ -312,11 +382,15 @@ class ChatStreamFormat(StreamFormat):
         return frames
 
     def final(self, gen: Generation) -> bytes:
+        self.done = gen
         frame = self._chunk(gen, len(gen.ids) - 1, openai_finish_reason(gen.finish_reason))
         if self.include_usage and self.ended is None:
-            usage = _usage(gen.valid.input_length, len(gen.ids))
-            frame += self._prefix() + b'],"usage":' + _dumps(usage) + _USAGE_TAIL
+            frame += self.usage_frame(_usage(gen.valid.input_length, len(gen.ids)))
         return frame
+
+    def usage_frame(self, usage: dict[str, int]) -> bytes:
+        """The ``choices: []`` chunk with ``usage`` (``stream_options.include_usage``)."""
+        return self._prefix() + b'],"usage":' + _dumps(usage) + _USAGE_TAIL
 
     def error(self, e: TGIError) -> bytes:
         return openai_stream_error(e)
@@ -388,12 +462,15 @@ def _content(content):
     return content if content is None or isinstance(content, str) else [c.model_dump() for c in content]
 
 
-def _dump_calls(calls) -> list[dict] | None:
+def _chat_choice(index: int, gen: Generation, message: dict, logprobs: bool | None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "message": message, "logprobs": None,
+                              "finish_reason": openai_finish_reason(gen.finish_reason)}
+    if logprobs:
+        choice["logprobs"] = {"content": [_logprob(gen, i) for i in range(len(gen.ids))]}
+    return choice
+
+
+def _calls(calls) -> list[ToolCallIn] | None:
     if calls is None:
         return None
-    return [
-        {"id": c.id, "type": c.type, "function": {"description": c.function.description,
-                                                   "name": c.function.name,
-                                                   "arguments": tooling.compact_json(c.function.arguments)}}
-        for c in calls
-    ]
+    return [ToolCallIn(c.id, c.type, c.function.name, c.function.description, c.function.arguments) for c in calls]

@@ -10,6 +10,8 @@ One request, in order:
 - ``Infer.frames`` (streams: where a token becomes an SSE frame, through the route's
   ``StreamFormat``) and ``Infer.run`` (whole generations): outcomes (metrics, one log
   line, trace), TGI's timings, client disconnects (``dropped``, 499).
+  ``Infer.choice_frames`` / ``Infer.run_choices`` do the same for OpenAI's ``n``: one
+  admission holding ``n`` permits, then ``n`` generations of the one validated prompt.
 - Response glue every route shares: ``respond`` (non-stream JSON with TGI's timing
   headers), ``stream_response`` (SSE), ``refuse`` (an error before admission).
 
@@ -201,6 +203,15 @@ class RequestContext:
         self.trace_headers = {"traceparent": traceparent} if traceparent else None
         self.scope = request.scope  # the connection guards record a close here
 
+    def choice(self, j: int) -> RequestContext:
+        """Choice ``j`` of this request (OpenAI's ``n``): the same id, route and timings,
+        its own engine request id."""
+        c = object.__new__(RequestContext)
+        for name in self.__slots__:
+            setattr(c, name, getattr(self, name))
+        c.engine_id = f"{self.engine_id}-{j}"
+        return c
+
 
 class Timings:
     """TGI's split of a request's time: validation, queue, inference (seconds)."""
@@ -269,8 +280,11 @@ class Infer:
     # --- admission and validation (TGI's order, §2.1) ---
 
     async def _admit(
-        self, req: GenerateRequest, r: RequestContext, *, stream: bool, add_special_tokens: bool = True
+        self, req: GenerateRequest, r: RequestContext, *, stream: bool, add_special_tokens: bool = True,
+        choices: int = 1,
     ) -> tuple[Permit, ValidRequest]:
+        """The permit (``best_of`` or ``choices`` of them, all or ``overloaded``) and the
+        validated request."""
         params = req.parameters
         if self.lifecycle.draining:
             raise ShuttingDownError()
@@ -279,7 +293,7 @@ class Infer:
         if stream:
             check_stream(params)
         best_of = 1 if stream else check_best_of(params, self.limits)
-        permit = self.limiter.try_acquire(best_of)
+        permit = self.limiter.try_acquire(best_of * choices)
         try:
             valid = await self._validate(req.inputs, params, add_special_tokens, r.engine_id, stream)
         except BaseException:
@@ -405,6 +419,54 @@ class Infer:
         winner.others = [g for i, g in enumerate(gens) if i != best]
         return winner
 
+    async def run_choices(
+        self, req: GenerateRequest, r: RequestContext, n: int, *, add_special_tokens: bool = True
+    ) -> list[tuple[Generation, Timings]]:
+        """OpenAI's ``n``: ``n`` whole generations of one prompt, in choice order.
+
+        One admission takes ``n`` permits at once (all, or ``overloaded`` with nothing sent
+        to the engine, as best_of) and validates once; then the choices run together, each
+        with its own seed when sampling (vLLM's rule: seed + choice index). Each choice is a
+        generation of its own in the metrics and log lines. The first failure ends them all
+        (the others are recorded with that error).
+        """
+        self.metrics.request_count.inc()
+        try:
+            permit, valid = await self._admit(req, r, stream=False, add_special_tokens=add_special_tokens, choices=n)
+        except TGIError as e:
+            self._failed_with(r, e)
+            raise
+        except asyncio.CancelledError:
+            self._failed(r, "dropped", 499, "client disconnected")
+            raise
+        self.metrics.request_count.inc(by=n - 1)
+        contexts = [r.choice(j) for j in range(n)]
+        failure: list[TGIError] = []
+
+        async def one(gen: Generation, c: RequestContext) -> tuple[Generation, Timings]:
+            try:
+                await self._collect(gen)
+            except TGIError as e:
+                failure.append(e)
+                self._failed_with(c, e)
+                raise
+            except asyncio.CancelledError:
+                if failure:  # a sibling failed: this choice ends with its error
+                    self._failed_with(c, failure[0])
+                else:
+                    self._failed(c, "dropped", 499, "client disconnected")
+                raise
+            t = Timings(c, gen, time.monotonic())
+            self._succeeded(c, gen, t)
+            return gen, t
+
+        with permit:
+            gens = [
+                Generation(_choice(valid, j, c.engine_id), self.engine, token_text=valid.details, token_logprobs=valid.details)
+                for j, c in enumerate(contexts)
+            ]
+            return await all_or_nothing([one(g, c) for g, c in zip(gens, contexts)])
+
     def timing_headers(self, runs: list[tuple[Generation, Timings, int]]) -> dict[str, str]:
         """TGI's §6 headers for finished generations (summed over several, as TGI's
         /v1/completions does for a list of prompts)."""
@@ -475,7 +537,7 @@ class Infer:
     async def frames(
         self, req: GenerateRequest, r: RequestContext, fmt: StreamFormat, *, add_special_tokens: bool = True
     ) -> AsyncIterator[bytes]:
-        """SSE frames of one streamed generation: this is where tokens become frames.
+        """SSE frames of one streamed generation (tokens become frames in ``_stream``).
 
         Admission, validation, disconnect abort, metrics and logs are the same for every
         streaming route; ``fmt`` (the route's ``StreamFormat``) shapes the events. Tokens
@@ -488,47 +550,86 @@ class Infer:
             self._failed_with(r, e)
             yield fmt.error(e)
             return
-        finished = False
         with permit:
             gen = Generation(valid, self.engine, token_text=True, token_logprobs=True)
-            sent = 0
-            try:
-                # aclosing: the driver's cleanup (abort, unregister) runs when we return.
-                async with aclosing(self._drive(gen)) as steps:
-                    async for _ in steps:
-                        done = gen.finish_reason is not None
-                        if done and not gen.ids:
-                            break
-                        last = len(gen.ids) - 1 if done else len(gen.ids)
-                        frames = fmt.tokens(gen, sent, last) if last > sent else []
-                        sent = max(last, sent)
-                        if done and fmt.ended is None:
-                            frames.append(fmt.final(gen))
-                        if fmt.ended is not None:
-                            # The route ends this generation itself (the chat model chose
-                            # no tool): a normal outcome, without an error event.
-                            gen.finish_reason = fmt.ended
-                            done = True
-                        if done:
-                            finished = True
-                            self._succeeded(r, gen, Timings(r, gen, time.monotonic()))
-                            out = b"".join(frames)
-                            if out or fmt.ended is None:
-                                yield out
-                            return
-                        if frames:
-                            yield b"".join(frames)
-                error = IncompleteGenerationStreamError()
-                self._failed_with(r, error)
-                finished = True
-                yield fmt.error(error)
-            except TGIError as e:
-                self._failed_with(r, e)
-                finished = True
-                yield fmt.error(e)
-            finally:
-                if not finished:  # the client went away mid-stream
-                    self._failed(r, "dropped", 499, "client disconnected")
+            async with aclosing(self._stream(gen, r, fmt)) as frames:
+                async for frame in frames:
+                    yield frame
+
+    async def choice_frames(
+        self, req: GenerateRequest, r: RequestContext, fmts: list[StreamFormat], *, add_special_tokens: bool = True
+    ) -> AsyncIterator[bytes]:
+        """OpenAI's ``n`` streamed: the frames of ``len(fmts)`` choices of one prompt, as
+        they come (interleaved), choice ``j`` shaped by ``fmts[j]``.
+
+        One admission takes the ``n`` permits at once (all, or ``fmts[0]``'s error event
+        with nothing sent to the engine) and holds them until every choice ended. Each
+        choice has its own seed when sampling, is a generation of its own in the metrics
+        and logs, and ends on its own: a failing choice sends its error event while the
+        others go on (as the prompts of a /v1/completions list do).
+        """
+        n = len(fmts)
+        self.metrics.request_count.inc()
+        try:
+            permit, valid = await self._admit(req, r, stream=True, add_special_tokens=add_special_tokens, choices=n)
+        except TGIError as e:
+            self._failed_with(r, e)
+            yield fmts[0].error(e)
+            return
+        self.metrics.request_count.inc(by=n - 1)
+        with permit:
+            streams = []
+            for j, fmt in enumerate(fmts):
+                c = r.choice(j)
+                gen = Generation(_choice(valid, j, c.engine_id), self.engine, token_text=True, token_logprobs=True)
+                streams.append(self._stream(gen, c, fmt))
+            async with aclosing(merged(streams, tail=b"")) as frames:
+                async for frame in frames:
+                    if frame:
+                        yield frame
+
+    async def _stream(self, gen: Generation, r: RequestContext, fmt: StreamFormat) -> AsyncIterator[bytes]:
+        """The frames of one admitted generation (this is where tokens become frames), and
+        its outcome; the caller holds its permit."""
+        finished = False
+        sent = 0
+        try:
+            # aclosing: the driver's cleanup (abort, unregister) runs when we return.
+            async with aclosing(self._drive(gen)) as steps:
+                async for _ in steps:
+                    done = gen.finish_reason is not None
+                    if done and not gen.ids:
+                        break
+                    last = len(gen.ids) - 1 if done else len(gen.ids)
+                    frames = fmt.tokens(gen, sent, last) if last > sent else []
+                    sent = max(last, sent)
+                    if done and fmt.ended is None:
+                        frames.append(fmt.final(gen))
+                    if fmt.ended is not None:
+                        # The route ends this generation itself (the chat model chose
+                        # no tool): a normal outcome, without an error event.
+                        gen.finish_reason = fmt.ended
+                        done = True
+                    if done:
+                        finished = True
+                        self._succeeded(r, gen, Timings(r, gen, time.monotonic()))
+                        out = b"".join(frames)
+                        if out or fmt.ended is None:
+                            yield out
+                        return
+                    if frames:
+                        yield b"".join(frames)
+            error = IncompleteGenerationStreamError()
+            self._failed_with(r, error)
+            finished = True
+            yield fmt.error(error)
+        except TGIError as e:
+            self._failed_with(r, e)
+            finished = True
+            yield fmt.error(e)
+        finally:
+            if not finished:  # the client went away mid-stream
+                self._failed(r, "dropped", 499, "client disconnected")
 
     def stream_response(self, r: RequestContext, frames: AsyncIterator[bytes], characters: int) -> Response:
         """The SSE response of a streaming route (TGI's headers, keep-alive comments)."""
@@ -558,6 +659,17 @@ class Infer:
         self.metrics.request_count.inc()
         self._failed_with(r, e)
         return e.response(headers=r.headers)
+
+
+def _choice(valid: ValidRequest, j: int, request_id: str) -> ValidRequest:
+    """Choice ``j`` of OpenAI's ``n``: its own engine request id and, when sampling, the
+    seed + ``j`` (vLLM's parallel sampling does the same), so choices differ and a given
+    seed reproduces them all."""
+    engine = replace(valid.engine, request_id=request_id)
+    if not valid.sampling:
+        return replace(valid, engine=engine)
+    seed = (valid.seed + j) % 2**64
+    return replace(valid, seed=seed, engine=replace(engine, sampling=replace(engine.sampling, seed=seed)))
 
 
 def _reseeded(valid: ValidRequest, request_id: str) -> ValidRequest:
