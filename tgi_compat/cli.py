@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from tgi_compat.headless import run_headless
 
         return run_headless(config)
+    from tgi_compat.gcs import DownloadError
     from tgi_compat.server import run
 
     try:
@@ -86,3 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tgi-compat: error: {e}", file=sys.stderr)
         return 2
+    except DownloadError as e:  # AIP_STORAGE_URI (Vertex AI): as Google's entrypoint, exit 1
+        print(f"tgi-compat: error: {e}", file=sys.stderr)
+        return 1

@@ -178,6 +178,7 @@ _ERR_LABELS = {
     "tool_error": "tool",
     "suffix not supported": "validation",
     "batch size exceeded": "validation",
+    "Input validation error": "validation",  # /vertex with no instances
 }
 
 
