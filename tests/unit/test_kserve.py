@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.conftest import metric_values
-from tests.unit.scripted_engine import LENGTH, Script
+from tests.unit.scripted_engine import STOP, Script
 
 import tgi_compat
 from tgi_compat.kserve import utf8_error
@@ -54,19 +54,19 @@ async def test_readiness_follows_the_engine(h):
 
 
 async def test_infer_outputs_bytes_in_input_order(h):
-    first, second = ids(h, " héllo"), ids(h, " world")
-    h.engine.push(Script.tokens(first, LENGTH), Script.tokens(second, LENGTH))
-    r = await h.client.post(INFER, json=infer_body("Hi", "Ho", parameters={"max_new_tokens": len(first)}))
+    first, second = ids(h, " héllo"), ids(h, " wörld")
+    n = max(len(first), len(second))
+    h.engine.push(Script.tokens(first, STOP), Script.tokens(second, STOP))
+    r = await h.client.post(INFER, json=infer_body("Hi", "Ho", parameters={"max_new_tokens": n}))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"] == "req-1"
-    texts = [" héllo".encode(), " world".encode()[: len(second)]]
-    assert body["outputs"][0] == {"name": "out0", "shape": [1, len(texts[0])], "datatype": "BYTES", "data": list(texts[0])}
-    assert body["outputs"][1]["name"] == "out1"
-    assert bytes(body["outputs"][1]["data"]).decode() == h.engine.tokenizer.decode(second[: len(first)])
+    for i, text in enumerate((" héllo", " wörld")):
+        data = list(text.encode())  # multi-byte UTF-8, as bytes
+        assert body["outputs"][i] == {"name": f"out{i}", "shape": [1, len(data)], "datatype": "BYTES", "data": data}
     a, b = h.engine.requests
     assert h.engine.tokenizer.decode(a.prompt_ids, skip_special_tokens=False) == "<s>Hi"
-    assert a.sampling.max_tokens == len(first) and a.sampling.temperature == 0.0  # parameters as given
+    assert a.sampling.max_tokens == n and a.sampling.temperature == 0.0  # parameters as given
     assert "x-compute-time" not in r.headers
 
 
