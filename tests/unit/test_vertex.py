@@ -134,6 +134,8 @@ async def test_errors(h):
     ({"instances": [{"foo": 1}]}, "instances[0]: data did not match any variant of untagged enum VertexInstance"),
     ({"instances": [{"inputs": "x"}, {"inputs": 3}]},
      "instances[1]: data did not match any variant of untagged enum VertexInstance"),
+    ({"instances": [{"inputs": "x", "parameters": {"seed": 2**70}}]},  # beyond u64 (and orjson)
+     "instances[0]: data did not match any variant of untagged enum VertexInstance"),
 ])
 async def test_body_errors_are_plain_text(h, body, message):
     r = await h.client.post("/vertex", json=body)

@@ -16,6 +16,7 @@ always samples here.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -65,7 +66,7 @@ def parse_instances(body: _VertexBody) -> list[VertexGenerateInstance | ChatRequ
     """serde's untagged ``VertexInstance``: the generate shape first, then a chat request."""
     out: list[VertexGenerateInstance | ChatRequest] = []
     for i, instance in enumerate(body.instances):
-        raw = orjson.dumps(instance)
+        raw = json.dumps(instance)  # the stdlib's: any integer (orjson stops at 64 bits; pydantic bounds them)
         for model in (VertexGenerateInstance, ChatRequest):
             try:
                 out.append(model.model_validate_json(raw))
