@@ -70,6 +70,12 @@ async def test_infer_outputs_bytes_in_input_order(h):
     assert "x-compute-time" not in r.headers
 
 
+async def test_infer_without_inputs(h):
+    r = await h.client.post(INFER, json=infer_body())
+    assert (r.status_code, r.json()) == (200, {"id": "req-1", "outputs": []})
+    assert h.engine.requests == []
+
+
 async def test_infer_default_parameters_sample(h):
     r = await h.client.post(INFER, json=infer_body("Hi"))
     assert r.status_code == 200, r.text
