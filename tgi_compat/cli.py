@@ -45,9 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     for notice in config.notices:
         logger.info("%s", notice)
     apply_process_env(config)
+    from tgi_compat.gcs import DownloadError
+
     if config.headless:  # engines only, for a front end on another node
         from tgi_compat.headless import run_headless
 
+        if config.storage_uri:  # AIP_STORAGE_URI: these engines serve the same copy (server.run does it otherwise)
+            from tgi_compat.gcs import download_model
+
+            try:
+                config.model_id = str(download_model(config.storage_uri, timeout=config.storage_timeout))
+            except DownloadError as e:
+                print(f"tgi-compat: error: {e}", file=sys.stderr)
+                return 1
         return run_headless(config)
     from tgi_compat.server import run
 
@@ -56,3 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tgi-compat: error: {e}", file=sys.stderr)
         return 2
+    except DownloadError as e:  # AIP_STORAGE_URI (Vertex AI): as Google's entrypoint, exit 1
+        print(f"tgi-compat: error: {e}", file=sys.stderr)
+        return 1

@@ -80,6 +80,11 @@ class Config:
     send_timeout: float = 60.0
     request_read_timeout: float = 60.0
     max_connections: int | None = None  # None: max(1024, 4 x max_concurrent_requests)
+    # Vertex AI (tgi_compat/vertex/env.py): AIP_PREDICT_ROUTE, AIP_HEALTH_ROUTE, AIP_STORAGE_URI.
+    aip_predict_route: str | None = None
+    aip_health_route: str | None = None
+    storage_uri: str | None = None  # gs://...: downloaded at start-up, then served as model_id
+    storage_timeout: float = 60.0
     headless: bool = False  # engines only (data parallel), for a front end on another node
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, as given
     # AsyncEngineArgs fields set by TGI flags (those an explicit vLLM flag also set are left out).

@@ -134,6 +134,17 @@ class RouteError(TGIError):
         self.error_type = error_type
 
 
+class RequestIncompleteError(TGIError):
+    """What TGI's /vertex and KServe infer answer when any of their generations failed,
+    whatever the failure was (router/src/vertex.rs, kserve.rs)."""
+
+    status_code = 500
+    error_type = "Incomplete generation"
+
+    def __init__(self, message: str = "Incomplete generation"):
+        super().__init__(message)
+
+
 def openai_stream_error(e: TGIError) -> bytes:
     """How TGI's OpenAI routes put an error in a stream (``InferError::into_openai_event``):
     OpenAI's ``{"error": {...}}`` shape, always with ``http_status_code`` 422."""

@@ -430,6 +430,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-connections", "", "open connections before the longest-idle one is closed, or, if none is "
          "idle, new requests get 503 `overloaded`", parse=usize, default_text="max(1024, 4 x max-concurrent-requests)",
          origin="ours"),
+    Flag("storage-timeout", "", "seconds each Google Cloud Storage call may stall or keep retrying while "
+         "the model of AIP_STORAGE_URI is downloaded (Vertex AI)", parse=real, default=60.0, origin="ours"),
     Flag("headless", "", "run only this node's data-parallel engines, for a front end on another node "
          "(vLLM's `serve --headless`, with tgi-compat's engine set-up; README, Scaling)", kind="switch",
          parse=boolean, default=False, env=None, origin="ours"),
@@ -540,7 +542,14 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         sources[f.name.replace("-", "_")] = source
     if sagemaker and "port" not in cli:  # the entrypoint script passes --port 8080, which beats PORT
         values["port"], sources["port"] = 8080, "serve"
-    return _make_config(values, sources, rest, env), False
+    from tgi_compat.vertex.env import AIP_FIELDS, apply_aip_env
+
+    aip_notices = apply_aip_env(values, sources, env)  # Vertex AI's AIP_* variables
+    config = _make_config(values, sources, rest, env)
+    for field in AIP_FIELDS:
+        setattr(config, field, values.get(field))
+    config.notices += aip_notices
+    return config, False
 
 
 def _make_config(values: dict[str, Any], sources: dict[str, str], rest: list[str], env: Mapping[str, str]) -> Config:

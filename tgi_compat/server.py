@@ -33,6 +33,7 @@ from tgi_compat.connection import ConnectionGuard, drop_record, resolve_max_conn
 from tgi_compat.errors import install_handlers
 from tgi_compat.info_router import METRICS_CONTENT_TYPE, render_metrics
 from tgi_compat.info_router import build_router as build_info_router
+from tgi_compat.kserve import build_router as build_kserve_router
 from tgi_compat.lifecycle import Lifecycle, Server
 from tgi_compat.metrics import TGIMetrics
 from tgi_compat.middleware import HeadAsGetMiddleware, PayloadLimitMiddleware, bearer_auth
@@ -42,6 +43,8 @@ from tgi_compat.tgi.api_router import build_router as build_tgi_router
 from tgi_compat.tgi.infer import Infer
 from tgi_compat.tgi.serving import TGIServing
 from tgi_compat.tgi.validation import Limits
+from tgi_compat.vertex.api_router import VertexServing, mount_aip_routes
+from tgi_compat.vertex.api_router import build_router as build_vertex_router
 
 logger = logging.getLogger("tgi_compat")
 
@@ -134,6 +137,9 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
     app.include_router(build_tgi_router(auth))
     app.include_router(build_openai_router(auth))
     app.include_router(build_info_router(auth))
+    app.include_router(build_vertex_router(auth))
+    app.include_router(build_kserve_router(auth))
+    mount_aip_routes(app, config)
     app.state.lifecycle = Lifecycle(
         shutdown_timeout=config.shutdown_timeout,
         stall_timeout=config.health_stall_timeout,
@@ -212,6 +218,7 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
         max_client_batch_size=config.max_client_batch_size,
         adapters=limits.adapters,
     )
+    state.vertex = VertexServing(state.infer, state.openai)
     logger.info(
         "ready: %s model=%s max_input_tokens=%d max_total_tokens=%d max_concurrent_requests=%d",
         tgi_compat.version_text(), info["model_id"], max_input, max_total, config.max_concurrent_requests,
@@ -341,6 +348,15 @@ def run(config: Config, log_config: dict | None = None) -> int:
         )
     main_socket = bind_socket(host, config.port, "--port")
     metrics_socket = bind_socket(host, config.prometheus_port, "--prometheus-port")
+    if config.storage_uri:  # Vertex AI's AIP_STORAGE_URI: the model is copied here first
+        from tgi_compat.gcs import download_model
+
+        try:
+            config.model_id = str(download_model(config.storage_uri, timeout=config.storage_timeout))
+        except BaseException:
+            main_socket.close()
+            metrics_socket.close()
+            raise
     app = create_app(config, metrics_socket=metrics_socket)
     server = Server(
         uvicorn.Config(

@@ -182,6 +182,7 @@ _ERR_LABELS = {
     "tool_error": "tool",
     "suffix not supported": "validation",
     "batch size exceeded": "validation",
+    "Input validation error": "validation",  # /vertex with no instances
 }
 
 
@@ -682,6 +683,8 @@ def _reseeded(valid: ValidRequest, request_id: str) -> ValidRequest:
 async def all_or_nothing(coros: list) -> list:
     """Results in order; the first failure cancels the rest (TGI's ``try_join_all``)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:  # asyncio.wait refuses an empty set (a KServe infer with no inputs)
+        return []
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in tasks:
