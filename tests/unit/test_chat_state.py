@@ -2,7 +2,7 @@
 
 ``ToolCallState.push`` says what each token of a tool-call stream means (nothing yet, the
 function's name, an arguments piece, or ``no_tool``); ``ChatStreamFormat`` turns that into
-``chat.completion.chunk`` frames and sets ``ended`` when the model chose no tool.
+``chat.completion.chunk`` frames and returns the end reason ``no_tool`` when the model chose no tool.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def _events(frames: list[bytes]) -> list[dict]:
 def test_chat_chunk_per_token_with_usage_after_the_last():
     fmt = ChatStreamFormat("model_id", "fingerprint", logprobs=False, include_usage=True)
     gen = _gen(["Hi", " there", "</s>"], special=(2,), finish_reason="eos_token")
-    events = _events(fmt.tokens(gen, 0, 2) + [fmt.final(gen)])
+    frames, ended = fmt.tokens(gen, 0, 2)
+    events = _events(frames + [fmt.final(gen)])
     assert [e["choices"][0]["delta"] for e in events[:3]] == [
         {"role": "assistant", "content": "Hi"}, {"role": "assistant", "content": " there"},
         {"role": "assistant", "content": ""},  # a special token's text is not sent
@@ -81,27 +82,27 @@ def test_chat_chunk_per_token_with_usage_after_the_last():
                and e["system_fingerprint"] == "fingerprint" and e["usage"] is None for e in events[:3])
     assert events[3]["choices"] == [] and events[3]["usage"] == {
         "prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
-    assert fmt.ended is None
+    assert ended is None
 
 
 def test_chat_format_tool_deltas():
     fmt = ChatStreamFormat("m", "f", logprobs=False, include_usage=False, tool_id="7")
     gen = _gen(WEATHER_TOKENS, finish_reason="length")
-    frames = fmt.tokens(gen, 0, len(WEATHER_TOKENS) - 1) + [fmt.final(gen)]
-    events = _events(frames)
+    frames, ended = fmt.tokens(gen, 0, len(WEATHER_TOKENS) - 1)
+    events = _events(frames + [fmt.final(gen)])
     calls = [e["choices"][0]["delta"]["tool_calls"][0] for e in events]
     assert {(c["index"], c["id"], c["type"]) for c in calls} == {(0, "7", "function")}
     assert calls[0]["function"] == {"name": "get_current_weather", "arguments": "{"}
     assert "".join(c["function"]["arguments"] for c in calls) == (
         '{ "location": "San Francisco, CA", "format": "celsius"}')
     assert [e["choices"][0]["finish_reason"] for e in events][-1] == "length"
-    assert fmt.ended is None
+    assert ended is None
 
 
 def test_chat_format_no_tool_ends_the_generation_as_a_value():
     fmt = ChatStreamFormat("m", "f", logprobs=False, include_usage=True, tool_id="0")
     gen = _gen(NO_TOOL_TOKENS)
-    frames = fmt.tokens(gen, 0, len(NO_TOOL_TOKENS))
-    assert fmt.ended == NO_TOOL
+    frames, ended = fmt.tokens(gen, 0, len(NO_TOOL_TOKENS))
+    assert ended == NO_TOOL
     assert b"".join(frames) == b""  # nothing was sent for the tool generation
     assert len(frames) == 11  # and nothing after the token that named no_tool was looked at

@@ -229,7 +229,7 @@ class OpenAIServing:
         async with aclosing(self.infer.frames(gen_req, r, fmt, add_special_tokens=False)) as frames:
             async for frame in frames:
                 yield frame
-        if fmt.ended == tooling.NO_TOOL:
+        if fmt.no_tool_chosen:
             # The model chose no tool: TGI generates again, without tools, under a new permit.
             try:
                 gen_req, _ = self.chat_request(chat, with_tools=False)
@@ -314,8 +314,8 @@ class ChatStreamFormat(StreamFormat):
     token, ``content`` "" for special tokens, ``finish_reason`` on the last, then a
     ``choices: []`` usage chunk when ``stream_options.include_usage``. With tools
     (``tool_id`` given), ``tools.ToolCallState`` turns the generated call JSON into
-    ``tool_calls`` deltas as TGI does; when the model chooses ``no_tool`` the format sets
-    ``ended`` and sends nothing more (the route then generates again, without tools)."""
+    ``tool_calls`` deltas as TGI does; when the model chooses ``no_tool`` ``tokens`` returns
+    that end reason and sends nothing more (the route then generates again, without tools)."""
 
     def __init__(self, model: str, fingerprint: str, logprobs: bool, include_usage: bool,
                  tool_id: str | None = None, index: int = 0):
@@ -329,7 +329,9 @@ class ChatStreamFormat(StreamFormat):
         self._head = b""
         self.tool_id = tool_id
         self.tool_state = tooling.ToolCallState() if tool_id is not None else None
-        self.ended: str | None = None
+        # The model chose no_tool: ``tokens`` ends the generation (its return value says so
+        # to the core); the route reads this afterwards to generate again without tools.
+        self.no_tool_chosen = False
 
     def _prefix(self) -> bytes:
         """The event's bytes up to its choices, pre-encoded once per second (``created``)."""
@@ -361,7 +363,7 @@ class ChatStreamFormat(StreamFormat):
         if event is None:  # the function's name is not known yet
             return b""
         if event is tooling.NO_TOOL_CHOSEN:
-            self.ended = tooling.NO_TOOL
+            self.no_tool_chosen = True
             return b""
         if gen.ids[i] in gen.special:
             delta = b'{"role":"assistant","content":""}'
@@ -371,20 +373,20 @@ class ChatStreamFormat(StreamFormat):
                 "function": {"name": event.name, "arguments": event.arguments}}]})
         return self._frame(gen, i, delta, finish_reason)
 
-    def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
+    def tokens(self, gen: Generation, start: int, end: int) -> tuple[list[bytes], str | None]:
         if self.tool_state is None:
-            return [self._chunk(gen, i, None) for i in range(start, end)]
+            return [self._chunk(gen, i, None) for i in range(start, end)], None
         frames = []
         for i in range(start, end):
             frames.append(self._chunk(gen, i, None))
-            if self.ended is not None:  # no_tool: nothing after it is looked at
-                break
-        return frames
+            if self.no_tool_chosen:  # nothing after it is looked at; the generation ends here
+                return frames, tooling.NO_TOOL
+        return frames, None
 
     def final(self, gen: Generation) -> bytes:
         self.done = gen
         frame = self._chunk(gen, len(gen.ids) - 1, openai_finish_reason(gen.finish_reason))
-        if self.include_usage and self.ended is None:
+        if self.include_usage and not self.no_tool_chosen:
             frame += self.usage_frame(_usage(gen.valid.input_length, len(gen.ids)))
         return frame
 
@@ -414,7 +416,7 @@ class CompletionStreamFormat(StreamFormat):
             b',"logprobs":null,"finish_reason":""}],"model":' + _dumps(self.model)
             + b',"system_fingerprint":' + _dumps(self.fingerprint) + b"}",
         )
-        return [head + _dumps(gen.texts[i]) + tail for i in range(start, end)]
+        return [head + _dumps(gen.texts[i]) + tail for i in range(start, end)], None
 
     def final(self, gen: Generation) -> bytes:
         i = len(gen.ids) - 1

@@ -229,17 +229,16 @@ class Timings:
 
 class StreamFormat:
     """The event shapes of one streaming route: ``tokens`` gives the frames of the
-    intermediate tokens ``start..end-1``, ``final`` the last token's frame(s), ``error``
-    an in-band error event.
+    intermediate tokens ``start..end-1`` and, as a value, whether the format ends the
+    generation there; ``final`` the last token's frame(s), ``error`` an in-band error event.
 
-    A format may end its generation itself by setting ``ended`` to a reason (the chat
-    stream does when the model picks ``no_tool``): ``Infer.frames`` then stops the
-    generation, records it as finished with that reason, and ends without an error event.
+    A format ends its generation itself by returning a reason (the chat stream does when
+    the model picks ``no_tool``): ``Infer.frames`` then stops the generation, records it as
+    finished with that reason, and ends without an error event.
     """
 
-    ended: str | None = None
-
-    def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
+    def tokens(self, gen: Generation, start: int, end: int) -> tuple[list[bytes], str | None]:
+        """(frames, None), or (frames, end reason) to end the generation after them."""
         raise NotImplementedError
 
     def final(self, gen: Generation) -> bytes:
@@ -602,20 +601,20 @@ class Infer:
                     if done and not gen.ids:
                         break
                     last = len(gen.ids) - 1 if done else len(gen.ids)
-                    frames = fmt.tokens(gen, sent, last) if last > sent else []
+                    frames, ended = fmt.tokens(gen, sent, last) if last > sent else ([], None)
                     sent = max(last, sent)
-                    if done and fmt.ended is None:
-                        frames.append(fmt.final(gen))
-                    if fmt.ended is not None:
+                    if ended is not None:
                         # The route ends this generation itself (the chat model chose
                         # no tool): a normal outcome, without an error event.
-                        gen.finish_reason = fmt.ended
+                        gen.finish_reason = ended
                         done = True
+                    elif done:
+                        frames.append(fmt.final(gen))
                     if done:
                         finished = True
                         self._succeeded(r, gen, Timings(r, gen, time.monotonic()))
                         out = b"".join(frames)
-                        if out or fmt.ended is None:
+                        if out or ended is None:
                             yield out
                         return
                     if frames:

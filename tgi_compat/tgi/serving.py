@@ -89,7 +89,7 @@ class TGIStreamFormat(StreamFormat):
         self.text_prefix = text_prefix
         self.details = details
 
-    def tokens(self, gen: Generation, start: int, end: int) -> list[bytes]:
+    def tokens(self, gen: Generation, start: int, end: int) -> tuple[list[bytes], None]:
         dumps = orjson.dumps
         top_n = gen.valid.top_n_tokens
         frames = []
@@ -100,7 +100,7 @@ class TGIStreamFormat(StreamFormat):
             event["generated_text"] = None
             event["details"] = None
             frames.append(data_frame(dumps(event)))
-        return frames
+        return frames, None
 
     def final(self, gen: Generation) -> bytes:
         i = len(gen.ids) - 1
