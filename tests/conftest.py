@@ -76,7 +76,11 @@ def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None)
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_name: str = "server"):
+    """A server process of its own session (``stop`` signals the whole group): ``module`` is
+    ``tgi_compat`` (the real engine) or the socket tier's ``tests.socket.scripted_server``."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_name: str = "server",
+                 module: str = "tgi_compat"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir = Path(os.environ.get("TGI_COMPAT_TEST_LOGS", ROOT / ".test-logs"))
@@ -91,7 +95,7 @@ class ServerProcess:
         else:
             args = ["--prometheus-port", str(self.prometheus_port), *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", module, "--hostname", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -317,8 +317,10 @@ def bind_host(hostname: str) -> str:
         return "0.0.0.0"
 
 
-def run(config: Config, log_config: dict | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1)."""
+def run(config: Config, log_config: dict | None = None, engine=None) -> int:
+    """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1).
+    ``engine``: one already built (the caller owns it), e.g. the socket tests' scripted
+    engine; else the lifespan builds vLLM's."""
     from sse_starlette.sse import AppStatus
 
     # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
@@ -333,7 +335,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
         )
     main_socket = bind_socket(host, config.port, "--port")
     metrics_socket = bind_socket(host, config.prometheus_port, "--prometheus-port")
-    app = create_app(config, metrics_socket=metrics_socket)
+    app = create_app(config, engine=engine, metrics_socket=metrics_socket)
     server = Server(
         uvicorn.Config(
             app,

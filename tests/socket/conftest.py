@@ -1,0 +1,99 @@
+"""Fixtures of the socket tier: the real server process (``tgi_compat.server.run``) on the
+scripted engine of ``tests/socket/scripted_server.py``, driven over real sockets.
+
+``scripted_server(*flags, env=None)`` starts one (stopped after the test or module that
+asked for it); the ``ScriptedServer`` it returns reads what reached the engine
+(``state()``: request ids with their prompts, aborts, closed iterators, live requests)
+and waits on it with deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+from tests.helpers import metric_values, wait_for
+
+STARTUP_TIMEOUT = 60  # a tokenizer load and vLLM's output classes imported: seconds
+
+
+class ScriptedServer(ServerProcess):
+    def __init__(self, flags: list[str], env: dict[str, str] | None = None, log_name: str = "scripted"):
+        super().__init__(list(flags), env=env, log_name=log_name, module="tests.socket.scripted_server")
+        # No keep-alive: the harness's own requests leave no idle connection behind to be
+        # evicted by (or to make room under) the connection-cap tests.
+        self.http = httpx.Client(base_url=self.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+        self.metrics_url = f"http://127.0.0.1:{self.prometheus_port}/metrics"
+
+    def state(self) -> dict:
+        return self.http.get("/_scripted/state").json()
+
+    def aborted(self) -> set[str]:
+        return set(self.state()["aborts"])
+
+    def wait_state(self, predicate, timeout: float = 30) -> dict:
+        """The engine's state once ``predicate(state)`` holds (asserted within ``timeout``)."""
+        state = wait_for(lambda: (s := self.state()) and predicate(s) and s, timeout)
+        assert state, f"engine state never matched: {self.state()}"
+        return state
+
+    def metrics(self) -> str:
+        """The exposition from the --prometheus-port listener: outside the main port's
+        connection cap, so it can be read while every main connection is busy."""
+        return httpx.get(self.metrics_url, timeout=30).text
+
+    def metric(self, name: str, labels: str = "") -> float:
+        return metric_values(self.metrics(), name).get(labels, 0.0)
+
+    def wait_metric(self, name: str, value: float, labels: str = "", timeout: float = 30) -> None:
+        assert wait_for(lambda: self.metric(name, labels) == value, timeout), (name, labels, self.metric(name, labels))
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """No permit held and no engine request unfinished (asserted within ``timeout``)."""
+        def idle():
+            text = self.metrics()
+            return (metric_values(text, "tgi_compat_permits_in_use").get("") == 0
+                    and metric_values(text, "tgi_compat_engine_requests").get("") == 0)
+        assert wait_for(idle, timeout), (self.metric("tgi_compat_permits_in_use"), self.state()["live"])
+
+    def log(self, start: int = 0) -> str:
+        return self.log_path.read_bytes()[start:].decode(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.http.close()
+        return super().stop(sig, timeout)
+
+
+@pytest.fixture
+def scripted_server():
+    """``scripted_server(*flags, env=None)`` → a ready ``ScriptedServer``; killed after the test."""
+    servers: list[ScriptedServer] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None, log_name: str = "scripted") -> ScriptedServer:
+        server = ScriptedServer(list(flags), env=env, log_name=log_name)
+        servers.append(server)
+        server.wait_ready(STARTUP_TIMEOUT)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def module_scripted_server():
+    """The same, one per module (for a module's shared configuration)."""
+    with contextlib.ExitStack() as stack:
+        def start(*flags: str, env: dict[str, str] | None = None, log_name: str = "scripted") -> ScriptedServer:
+            server = ScriptedServer(list(flags), env=env, log_name=log_name)
+            stack.callback(server.stop, signal.SIGKILL)
+            server.wait_ready(STARTUP_TIMEOUT)
+            return server
+
+        yield start
