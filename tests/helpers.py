@@ -22,6 +22,12 @@ def wait_for(predicate, timeout: float, interval: float = 0.05):
     return predicate()
 
 
+def same_text(streamed: str, full: str) -> bool:
+    """Per-token text holds back a trailing incomplete UTF-8 character; decoding the
+    whole generation shows it as U+FFFD."""
+    return streamed == full.rstrip("\ufffd")
+
+
 # --- Prometheus' text exposition ---
 
 

@@ -15,7 +15,7 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import MAX_CONCURRENT_REQUESTS, MAX_TOTAL_TOKENS, ServerProcess
 from tests.helpers import metric_values, wait_for
 
 STARTUP_TIMEOUT = 60  # a tokenizer load and vLLM's output classes imported: seconds
@@ -97,3 +97,16 @@ def module_scripted_server():
             return server
 
         yield start
+
+
+@pytest.fixture(scope="session")
+def scripted():
+    """The shared scripted server, configured as the engine tier's main server (limits,
+    permits); tests that hold its permits leave it idle."""
+    server = ScriptedServer(["--max-total-tokens", str(MAX_TOTAL_TOKENS),
+                             "--max-concurrent-requests", str(MAX_CONCURRENT_REQUESTS)], log_name="scripted-main")
+    try:
+        server.wait_ready(STARTUP_TIMEOUT)
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)

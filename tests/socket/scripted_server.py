@@ -11,14 +11,16 @@ in its prompt (the decoded prompt ids, so chat templates do not hide it):
 - ``[block]``: one token, then nothing until the request is aborted;
 - ``[stall]``: one token, then nothing until ``POST /_scripted/release``, then the rest;
 - ``[drain]``: one token, then nothing until the server drains (SIGTERM), then the rest;
+- ``[eos]``: three tokens, then the EOS token (finish reason "stop");
 - ``[fail]``: two tokens, then the engine raises mid-stream;
 - ``[pace=S]``: S seconds between engine outputs (default: ``$SCRIPTED_STEP_SECONDS``, or 0).
 
 Pacing and waits are asyncio sleeps/events inside the server: nothing busy-loops. Test-only
-routes: ``GET /_scripted/state`` (every request id the engine got, with its prompt and
-max_tokens, every abort, every output iterator closed before its end, the live ones),
-``POST /_scripted/release`` (ends ``[stall]``s), ``POST /_scripted/die`` (the engine dies as
-vLLM's does: ``errored``, every live request raises ``EngineDeadError``).
+routes: ``GET /_scripted/state`` (every request the engine got: its id, prompt and its length, max_tokens,
+temperature, seed and structured-output constraint; every abort; every output iterator
+closed before its end; the live ones), ``POST /_scripted/release`` (ends ``[stall]``s),
+``POST /_scripted/die`` (the engine dies as vLLM's does: ``errored``, every live request
+raises ``EngineDeadError``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class SocketScriptedEngine(ScriptedEngine):
         n = req.sampling.max_tokens
         if "[block]" in prompt:
             return Script.tokens([self.filler], block=True)
+        if "[eos]" in prompt:  # three tokens then EOS (vLLM's finish reason "stop")
+            return Script.tokens([self.filler] * 3 + [self.tokenizer.eos_token_id], finish="stop")
         if "[fail]" in prompt:
             return Script.tokens([self.filler] * 3, fail=RuntimeError("scripted failure"), fail_after=2)
         return Script.tokens([self.filler] * n)
@@ -94,7 +98,9 @@ class SocketScriptedEngine(ScriptedEngine):
     def state(self) -> dict:
         return {
             "requests": [{"id": r.request_id, "prompt": self.prompts.get(r.request_id, ""),
-                          "max_tokens": r.sampling.max_tokens} for r in self.requests],
+                          "prompt_tokens": len(r.prompt_ids),
+                          "max_tokens": r.sampling.max_tokens, "temperature": r.sampling.temperature,
+                          "seed": r.sampling.seed, "structured": r.structured} for r in self.requests],
             "aborts": list(self.aborts),
             "closed": list(self.closed),
             "live": list(self.live),
