@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,19 +165,6 @@ class MainServer:
         self.url = url
         self.log_path = log_path
         self.pid = pid  # None for an external server (TGI_COMPAT_TEST_URL)
-
-    @contextlib.contextmanager
-    def engine_paused(self):
-        """Every engine process stopped (SIGSTOP) for the block: requests are admitted and
-        hold their permits, but no token is generated. A no-op on an external server."""
-        procs = psutil.Process(self.pid).children(recursive=True) if self.pid else []
-        for p in procs:
-            p.suspend()
-        try:
-            yield
-        finally:
-            for p in procs:
-                p.resume()
 
 
 @pytest.fixture(scope="session")

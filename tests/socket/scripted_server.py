@@ -9,7 +9,7 @@ in its prompt (the decoded prompt ids, so chat templates do not hide it):
 
 - none: ``max_new_tokens`` tokens of ``" a"``, then finish reason "length";
 - ``[block]``: one token, then nothing until the request is aborted;
-- ``[stall]``: one token, then nothing until ``POST /_scripted/release``, then the rest;
+- ``[stall]``: one token, then nothing until the next ``POST /_scripted/release``, then the rest;
 - ``[drain]``: one token, then nothing until the server drains (SIGTERM), then the rest;
 - ``[eos]``: three tokens, then the EOS token (finish reason "stop");
 - ``[fail]``: two tokens, then the engine raises mid-stream;
@@ -119,7 +119,9 @@ def scripted_routes(engine: SocketScriptedEngine):
 
     @router.post("/release")
     async def release():
+        # Wakes the [stall]s waiting now (set() resolves their waits); later ones stall again.
         engine.released.set()
+        engine.released.clear()
         return JSONResponse({})
 
     @router.post("/die")

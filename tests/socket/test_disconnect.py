@@ -65,3 +65,12 @@ def test_disconnect_mid_completions_stream_aborts_every_prompt(scripted):
     bodies = [{"prompt": ["[block] a", "[block] b", "[block] c"], "max_tokens": 500, "stream": True}]
     ids = _close_mid_generation(scripted, "/v1/completions", bodies, stream=True, engine_requests=3)
     assert len(ids) == 3 and set(ids) <= set(scripted.state()["aborts"])
+
+
+def test_disconnect_while_tokens_flow_aborts_engine_request(scripted):
+    """The engine producing (one token per 50 ms, 50 s in all) rather than blocked: the
+    abort ends it, its output iterator is closed unfinished."""
+    bodies = [{"inputs": f"[pace=0.05] flowing {i}", "parameters": {"max_new_tokens": 1000}} for i in range(2)]
+    ids = _close_mid_generation(scripted, "/generate_stream", bodies, stream=True)
+    state = scripted.state()
+    assert len(ids) == 2 and set(ids) <= set(state["aborts"]) and set(ids) <= set(state["closed"])
