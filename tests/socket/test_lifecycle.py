@@ -13,14 +13,36 @@ import httpx
 import pytest
 
 from tests.helpers import StreamReader, wait_for
+from tests.socket.conftest import STARTUP_TIMEOUT, ScriptedServer
 
 pytestmark = pytest.mark.socket
 
 GENERATION_ERROR = "Request failed during generation: "
 
 
-def test_stalled_engine_makes_health_fail_until_it_recovers(scripted_server):
-    server = scripted_server("--health-stall-timeout", "1")
+@pytest.fixture(scope="module")
+def servers():
+    """Each test's own server (each one ends it), all started at once: their start-ups
+    (importing vLLM's output classes) overlap instead of adding up."""
+    started = {
+        "stall": ScriptedServer(["--health-stall-timeout", "1"], log_name="stall"),
+        "death": ScriptedServer(["--engine-failure-grace", "1"], log_name="death"),
+        "drain": ScriptedServer(["--shutdown-timeout", "2"], log_name="drain"),
+    }
+    try:
+        yield started
+    finally:
+        for server in started.values():
+            server.stop(signal.SIGKILL)
+
+
+def ready(server: ScriptedServer) -> ScriptedServer:
+    server.wait_ready(STARTUP_TIMEOUT)
+    return server
+
+
+def test_stalled_engine_makes_health_fail_until_it_recovers(servers):
+    server = ready(servers["stall"])
     url = server.url
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     # One token, then the engine makes no progress until released.
@@ -37,8 +59,8 @@ def test_stalled_engine_makes_health_fail_until_it_recovers(scripted_server):
     assert last["generated_text"] is not None and last["index"] == 50
 
 
-def test_dead_engine_fails_requests_and_exits_nonzero(scripted_server):
-    server = scripted_server("--engine-failure-grace", "1")
+def test_dead_engine_fails_requests_and_exits_nonzero(servers):
+    server = ready(servers["death"])
     url = server.url
     streams = [StreamReader(url, {"inputs": f"[block] {i}", "parameters": {"max_new_tokens": 100}}) for i in range(3)]
     non_stream = StreamReader(url, {"inputs": "[block] n", "parameters": {"max_new_tokens": 100}}, path="/generate")
@@ -62,8 +84,8 @@ def test_dead_engine_fails_requests_and_exits_nonzero(scripted_server):
     assert server.proc.wait(30) == 1
 
 
-def test_sigterm_drains_then_exits_zero(scripted_server):
-    server = scripted_server("--shutdown-timeout", "2")
+def test_sigterm_drains_then_exits_zero(servers):
+    server = ready(servers["drain"])
     url = server.url
     # [drain]: in flight at SIGTERM, finishing during the drain; [block]: never finishing.
     # The non-stream request goes first and is in the engine before the streams are sent.
