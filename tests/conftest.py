@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.helpers import metric_values
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600  # first start compiles the model (~60 s here); later ones hit vLLM's cache
@@ -218,17 +219,19 @@ def http(server_url):
 
 
 def metric(http: httpx.Client, name: str) -> float:
-    text = http.get("/metrics").text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    """One sample, written with its labels if it has any: ``name{label="v"}``."""
+    base, _, labels = name.partition("{")
+    values = metric_values(http.get("/metrics").text, base)
+    key = "{" + labels if labels else ""
+    assert key in values, f"{name} not in /metrics"
+    return values[key]
 
 
 def generated_tokens(http: httpx.Client) -> float:
     """vLLM's own count of tokens the engine generated (every request, aborted ones too)."""
-    m = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", http.get("/metrics").text, re.M)
-    assert m, "vllm:generation_tokens_total not in /metrics"
-    return float(m.group(1))
+    values = metric_values(http.get("/metrics").text, "vllm:generation_tokens_total")
+    assert values, "vllm:generation_tokens_total not in /metrics"
+    return sum(values.values())
 
 
 def wait_idle(http: httpx.Client, timeout: float = 10.0) -> tuple[float, float]:
