@@ -1,10 +1,11 @@
 """Fixtures of the socket tier: the real server process (``tgi_compat.server.run``) on the
 scripted engine of ``tests/socket/scripted_server.py``, driven over real sockets.
 
-``scripted_server(*flags, env=None)`` starts one (stopped after the test or module that
-asked for it); the ``ScriptedServer`` it returns reads what reached the engine
-(``state()``: request ids with their prompts, aborts, closed iterators, live requests)
-and waits on it with deadlines.
+``scripted`` is the session's shared one (the engine tier's main-server limits);
+``module_scripted_server(*flags)`` starts one with a module's own flags. A ``ScriptedServer``
+reads what reached the engine (``state()``: requests with their prompts and sampling, aborts,
+closed iterators, live requests) and the metrics (from the --prometheus-port listener, outside
+the connection cap), and waits on them with deadlines.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import pytest
 from tests.conftest import MAX_CONCURRENT_REQUESTS, MAX_TOTAL_TOKENS, ServerProcess
 from tests.helpers import metric_values, wait_for
 
-STARTUP_TIMEOUT = 60  # a tokenizer load and vLLM's output classes imported: seconds
+# Importing vLLM's output classes (torch) and the tokenizer: 5-15 s here, more when several
+# start at once on a loaded box; a deadline, not a wait.
+STARTUP_TIMEOUT = 180
 
 
 class ScriptedServer(ServerProcess):
+    """``python -m tests.socket.scripted_server <flags>`` in its own process group."""
+
     def __init__(self, flags: list[str], env: dict[str, str] | None = None, log_name: str = "scripted"):
         super().__init__(list(flags), env=env, log_name=log_name, module="tests.socket.scripted_server")
         # No keep-alive: the harness's own requests leave no idle connection behind to be
@@ -68,27 +73,10 @@ class ScriptedServer(ServerProcess):
         return super().stop(sig, timeout)
 
 
-@pytest.fixture
-def scripted_server():
-    """``scripted_server(*flags, env=None)`` → a ready ``ScriptedServer``; killed after the test."""
-    servers: list[ScriptedServer] = []
-
-    def start(*flags: str, env: dict[str, str] | None = None, log_name: str = "scripted") -> ScriptedServer:
-        server = ScriptedServer(list(flags), env=env, log_name=log_name)
-        servers.append(server)
-        server.wait_ready(STARTUP_TIMEOUT)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop(signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def module_scripted_server():
-    """The same, one per module (for a module's shared configuration)."""
+    """``module_scripted_server(*flags, env=None)`` → a ready ``ScriptedServer`` with a module's
+    own configuration; killed after the module."""
     with contextlib.ExitStack() as stack:
         def start(*flags: str, env: dict[str, str] | None = None, log_name: str = "scripted") -> ScriptedServer:
             server = ScriptedServer(list(flags), env=env, log_name=log_name)
