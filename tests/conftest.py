@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -19,8 +18,9 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
+
+from tests.helpers import metric_values
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600  # first start compiles the model (~60 s here); later ones hit vLLM's cache
@@ -76,7 +76,11 @@ def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None)
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_name: str = "server"):
+    """A server process of its own session (``stop`` signals the whole group): ``module`` is
+    ``tgi_compat`` (the real engine) or the socket tier's ``tests.socket.scripted_server``."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_name: str = "server",
+                 module: str = "tgi_compat"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir = Path(os.environ.get("TGI_COMPAT_TEST_LOGS", ROOT / ".test-logs"))
@@ -91,7 +95,7 @@ class ServerProcess:
         else:
             args = ["--prometheus-port", str(self.prometheus_port), *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", module, "--hostname", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -163,19 +167,6 @@ class MainServer:
         self.log_path = log_path
         self.pid = pid  # None for an external server (TGI_COMPAT_TEST_URL)
 
-    @contextlib.contextmanager
-    def engine_paused(self):
-        """Every engine process stopped (SIGSTOP) for the block: requests are admitted and
-        hold their permits, but no token is generated. A no-op on an external server."""
-        procs = psutil.Process(self.pid).children(recursive=True) if self.pid else []
-        for p in procs:
-            p.suspend()
-        try:
-            yield
-        finally:
-            for p in procs:
-                p.resume()
-
 
 @pytest.fixture(scope="session")
 def main_server(otlp_collector):
@@ -228,17 +219,19 @@ def http(server_url):
 
 
 def metric(http: httpx.Client, name: str) -> float:
-    text = http.get("/metrics").text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    """One sample, written with its labels if it has any: ``name{label="v"}``."""
+    base, _, labels = name.partition("{")
+    values = metric_values(http.get("/metrics").text, base)
+    key = "{" + labels if labels else ""
+    assert key in values, f"{name} not in /metrics"
+    return values[key]
 
 
 def generated_tokens(http: httpx.Client) -> float:
     """vLLM's own count of tokens the engine generated (every request, aborted ones too)."""
-    m = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", http.get("/metrics").text, re.M)
-    assert m, "vllm:generation_tokens_total not in /metrics"
-    return float(m.group(1))
+    values = metric_values(http.get("/metrics").text, "vllm:generation_tokens_total")
+    assert values, "vllm:generation_tokens_total not in /metrics"
+    return sum(values.values())
 
 
 def wait_idle(http: httpx.Client, timeout: float = 10.0) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, ServerProcess, free_port, wait_idle
-from tests.test_lifecycle import StreamReader, wait_for
+from tests.helpers import StreamReader, wait_for
 
 # Two engines start in about two minutes here (each compiles the model on one core).
 pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]

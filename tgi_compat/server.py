@@ -332,8 +332,10 @@ def bind_host(hostname: str) -> str:
         return "0.0.0.0"
 
 
-def run(config: Config, log_config: dict | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1)."""
+def run(config: Config, log_config: dict | None = None, engine=None) -> int:
+    """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1).
+    ``engine``: one already built (the caller owns it), e.g. the socket tests' scripted
+    engine; else the lifespan builds vLLM's."""
     from sse_starlette.sse import AppStatus
 
     # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
@@ -357,7 +359,7 @@ def run(config: Config, log_config: dict | None = None) -> int:
             main_socket.close()
             metrics_socket.close()
             raise
-    app = create_app(config, metrics_socket=metrics_socket)
+    app = create_app(config, engine=engine, metrics_socket=metrics_socket)
     server = Server(
         uvicorn.Config(
             app,

@@ -1,30 +1,23 @@
-"""/v1/chat/completions against the real engine: raw SSE, huggingface_hub and openai."""
+"""/v1/chat/completions against the real engine: raw SSE, and huggingface_hub's structured
+output as LangChain sends it. The clients' plumbing and disconnect aborts are the socket
+tier's (tests/socket/test_clients.py, tests/socket/test_disconnect.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from huggingface_hub import AsyncInferenceClient, InferenceClient
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import InferenceClient
 
 from tests.conftest import metric, wait_idle
-from tests.tgi.test_wire import ROUNDS, _aborted, _raw_request, generated_tokens
+from tests.helpers import same_text
 
 pytestmark = pytest.mark.engine
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 CHUNK_KEYS = ["object", "id", "created", "model", "system_fingerprint", "choices", "usage"]
-
-
-def same_text(streamed: str, full: str) -> bool:
-    """Per-token text holds back a trailing incomplete UTF-8 character; decoding the
-    whole generation shows it as U+FFFD."""
-    return streamed == full.rstrip("\ufffd")
 
 
 def chat_stream_raw(http: httpx.Client, body: dict) -> tuple[httpx.Response, list[bytes]]:
@@ -197,21 +190,6 @@ def test_response_format_json_schema(http):
     assert ended >= 2
 
 
-def test_disconnect_mid_chat_stream_aborts(http, server_url):
-    port = int(server_url.rsplit(":", 1)[1])
-    body = json.dumps({"messages": HELLO, "max_tokens": 1000, "stream": True, "seed": 1}).encode()
-    for _ in range(ROUNDS):
-        before = generated_tokens(http)
-        socks = [_raw_request(port, body, "/v1/chat/completions") for _ in range(4)]
-        for s in socks:
-            assert s.recv(4096).startswith(b"HTTP/1.1 200")
-        for s in socks:
-            s.close()
-        if _aborted(http, before, 4):
-            return
-    pytest.fail("closing the chat streams never stopped their generation")
-
-
 def test_metrics_count_chat_requests(http):
     ok = metric(http, "tgi_request_success")
     http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
@@ -220,23 +198,6 @@ def test_metrics_count_chat_requests(http):
 
 
 # --- real clients ---
-
-
-def test_huggingface_hub_chat_completion(server_url):
-    client = InferenceClient(base_url=server_url, timeout=120)
-    out = client.chat_completion(HELLO, max_tokens=8, seed=2)
-    assert out.choices[0].message.role == "assistant"
-    assert out.usage.completion_tokens <= 8
-    chunks = list(client.chat_completion(HELLO, max_tokens=8, seed=2, stream=True))  # ends on `data: [DONE]`
-    assert same_text("".join(c.choices[0].delta.content for c in chunks), out.choices[0].message.content)
-    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
-    # huggingface_hub does not map errors on chat routes; the status and TGI's body are there.
-    with pytest.raises(HfHubHTTPError) as e:
-        client.chat_completion(HELLO, max_tokens=8, temperature=-1.0)
-    assert e.value.response.status_code == 422 and e.value.response.json()["error_type"] == "validation"
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    out = client.chat_completion(HELLO, max_tokens=30, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
-    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
 
 
 def test_langchain_json_object_with_schema(http, server_url):
@@ -262,28 +223,3 @@ def test_langchain_json_object_with_schema(http, server_url):
     assert r.text.startswith("Failed to deserialize the JSON body") and "unknown field `strict`" in r.text
     r = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 5, "logit_bias": {"42": 100}})
     assert r.status_code == 422 and "`logit_bias` map is not supported" in r.text
-
-
-def test_huggingface_hub_async_chat_completion(server_url):
-    async def main():
-        client = AsyncInferenceClient(base_url=server_url, timeout=120)
-        out = await client.chat_completion(HELLO, max_tokens=8, seed=9)
-        stream = await client.chat_completion(HELLO, max_tokens=8, seed=9, stream=True)
-        text = "".join([c.choices[0].delta.content async for c in stream])
-        return out.choices[0].message.content, text
-
-    full, streamed = asyncio.run(main())
-    assert same_text(streamed, full)
-
-
-def test_openai_sdk_chat(server_url):
-    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-", timeout=120)
-    out = client.chat.completions.create(model="tgi", messages=HELLO, max_tokens=8, seed=6)
-    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 8
-    stream = client.chat.completions.create(model="tgi", messages=HELLO, max_tokens=8, seed=6, stream=True,
-                                            stream_options={"include_usage": True})
-    chunks = list(stream)
-    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
-    assert same_text("".join(c.choices[0].delta.content for c in chunks if c.choices), out.choices[0].message.content)
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(model="tgi", messages=HELLO, temperature=-1)

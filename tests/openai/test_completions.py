@@ -1,22 +1,16 @@
-"""/v1/completions, /invocations and @huggingface/inference against the real engine."""
+"""/v1/completions and /invocations against the real engine (the openai SDK and
+@huggingface/inference are the socket tier's: tests/socket/test_clients.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
-from tests.conftest import ROOT, wait_idle
+from tests.conftest import wait_idle
 
 pytestmark = pytest.mark.engine
-
-NODE_PACKAGE = "@huggingface/inference@4"
 
 
 def stream_events(http: httpx.Client, path: str, body: dict) -> list[bytes]:
@@ -96,47 +90,3 @@ def test_invocations_dispatch(http):
     assert json.loads(events[-1].removeprefix(b"data:"))["generated_text"] is not None  # TGI's own stream, no [DONE]
     r = http.post("/invocations", json={"foo": 1})
     assert r.status_code == 422 and "untagged enum SagemakerRequest" in r.text
-
-
-def test_openai_sdk_completions(server_url):
-    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="-", timeout=120)
-    out = client.completions.create(model="tgi", prompt="Once upon", max_tokens=6, temperature=0)
-    assert out.choices[0].text and out.usage.completion_tokens <= 6
-    chunks = list(client.completions.create(model="tgi", prompt="Once upon", max_tokens=6, temperature=0, stream=True))
-    # Per-token text holds back an incomplete UTF-8 character; the whole decode shows U+FFFD.
-    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text.rstrip("\ufffd")
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.completions.create(model="tgi", prompt="a", suffix="b")
-
-
-@pytest.fixture(scope="module")
-def node_client(tmp_path_factory):
-    """@huggingface/inference 4.x installed with npm into a cache beside the tests."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.fail("node and npm are needed for the @huggingface/inference test")
-    prefix = ROOT / ".test-cache" / "node"
-    if not (prefix / "node_modules" / "@huggingface" / "inference").exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", NODE_PACKAGE],
-                       check=True, timeout=300, capture_output=True)
-    script = prefix / "hf_inference_client.mjs"
-    shutil.copy(Path(__file__).parent / "hf_inference_client.mjs", script)
-    return script
-
-
-def test_huggingface_inference_js(node_client, server_url):
-    out = subprocess.run(["node", str(node_client), server_url], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "NODE_NO_WARNINGS": "1"})
-    assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout)
-    assert isinstance(res["textGeneration"]["generated_text"], str), res["textGeneration"]
-    chunks = res["textGenerationStream"]
-    assert isinstance(chunks, list) and chunks, chunks
-    # Same seed: the same tokens; the stream also carries the EOS token's own text, if any.
-    streamed, text = "".join(c["choices"][0]["text"] for c in chunks), res["textGeneration"]["generated_text"]
-    assert streamed.startswith(text) and len(streamed) - len(text) <= len("</s>")
-    assert res["chatCompletion"]["choices"][0]["message"]["role"] == "assistant"
-    stream = res["chatCompletionStream"]
-    streamed = "".join(c["choices"][0]["delta"]["content"] for c in stream)
-    assert streamed == res["chatCompletion"]["choices"][0]["message"]["content"].rstrip("\ufffd")
-    assert "must be strictly positive" in res["chatCompletionError"]["error"]

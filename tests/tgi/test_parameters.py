@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import re
-import time
 import subprocess
 import sys
 
@@ -122,61 +121,6 @@ def test_best_of_validation(client, params, message):
         client.text_generation("Hi", max_new_tokens=2, **params)
     with pytest.raises(HFValidationError, match="`best_of` != 1 is not supported when streaming tokens"):
         list(client.text_generation("Hi", max_new_tokens=2, stream=True, best_of=2, do_sample=True))
-
-
-def test_best_of_takes_a_permit_per_sequence_and_openai_routes_share_the_cap(http, main_server):
-    # 31 long streams hold 31 of the 32 permits; best_of=2 needs two and is refused.
-    async def main():
-        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as c:
-            async def permits() -> float:
-                text = (await c.get("/metrics")).text
-                return float(re.search(r"^tgi_compat_permits_in_use (\S+)$", text, re.M).group(1))
-
-            async def until_permits(n: int) -> None:
-                deadline = time.monotonic() + 30
-                while await permits() < n and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-
-            async def hold():
-                async with c.stream("POST", "/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 1000}}) as r:
-                    async for _ in r.aiter_bytes():
-                        pass
-
-            # Admission is the front end's: with the engine paused, the holders are admitted
-            # and keep their permits until it resumes, however slowly this client runs.
-            with main_server.engine_paused():
-                holders = [asyncio.ensure_future(hold()) for _ in range(31)]
-                await until_permits(31)
-                two = await c.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2, "best_of": 2, "do_sample": True}})
-                # A 32nd holder takes the last permit: the OpenAI routes are refused too.
-                holders.append(asyncio.ensure_future(hold()))
-                await until_permits(32)
-                chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                full = [await c.post("/v1/chat/completions", json=chat),
-                        await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})]
-                stream = await c.post("/v1/chat/completions", json={**chat, "stream": True})
-                # The round counts only if all 32 permits were still held when the last request was answered.
-                held = await permits() == 32
-            await asyncio.gather(*holders)
-            one = await c.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}})
-            return held, (two, full, stream, one)
-
-    # Against an external server (no engine to pause) a starved client can see the first
-    # holders finish before it has sent every request: such a round proves nothing.
-    for _ in range(3):
-        assert wait_idle(http) == (0, 0)
-        held, (two, full, stream, one) = asyncio.run(main())
-        if held:
-            break
-    assert held, "holders ended before the requests were answered, 3 rounds in a row"
-    assert two.status_code == 429 and two.json()["error_type"] == "overloaded"
-    for r in full:
-        assert r.status_code == 429 and r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
-    assert stream.status_code == 200
-    assert stream.content == (b'data:{"error":{"message":"Model is overloaded","http_status_code":422}}\n\n'
-                              b"data: [DONE]\n\n")
-    assert one.status_code == 200
-    assert wait_idle(http) == (0, 0)
 
 
 # --- typical_p ---

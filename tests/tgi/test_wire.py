@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import httpx
 import pytest
@@ -12,6 +10,7 @@ from packaging import version
 
 import tgi_compat
 from tests.conftest import MAX_CONCURRENT_REQUESTS, MAX_TOTAL_TOKENS, generated_tokens, wait_idle
+from tests.helpers import post, raw_socket
 
 pytestmark = pytest.mark.engine
 
@@ -235,15 +234,6 @@ def test_openapi_documents_routes(http):
     assert http.get("/docs").status_code == 200
 
 
-def _raw_request(port: int, body: bytes, path: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    return s
-
-
 def _aborted(http, before: float, requests: int) -> bool:
     # Never a leak, aborted or not. Idle means the engine holds no request: one that was
     # not aborted would still be generating (its max_new_tokens take seconds), so the
@@ -260,11 +250,14 @@ ROUNDS = 3
 
 
 def test_disconnect_mid_stream_aborts_engine_request(http, server_url):
+    """vLLM stops generating for a request we abort (our abort plumbing on every route is
+    tests/socket/test_disconnect.py's, exactly, on the scripted engine)."""
     port = int(server_url.rsplit(":", 1)[1])
-    body = json.dumps(LONG).encode()
     for _ in range(ROUNDS):
         before = generated_tokens(http)
-        socks = [_raw_request(port, body, "/generate_stream") for _ in range(4)]
+        socks = [raw_socket(port) for _ in range(4)]
+        for s in socks:
+            post(s, "/generate_stream", LONG)
         for s in socks:
             assert s.recv(4096).startswith(b"HTTP/1.1 200")  # streaming has begun
         for s in socks:
@@ -272,25 +265,6 @@ def test_disconnect_mid_stream_aborts_engine_request(http, server_url):
         if _aborted(http, before, 4):
             return
     pytest.fail("closing the streams never stopped their generation")
-
-
-def test_disconnect_during_non_stream_aborts_engine_request(http, server_url):
-    port = int(server_url.rsplit(":", 1)[1])
-    body = json.dumps(LONG).encode()
-    for _ in range(ROUNDS):
-        before = generated_tokens(http)
-        socks = [_raw_request(port, body, "/generate") for _ in range(4)]
-        deadline = time.monotonic() + 10
-        while "tgi_compat_engine_requests 0" in http.get("/metrics").text and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for s in socks:
-            s.close()
-        if _aborted(http, before, 4):
-            break
-    else:
-        pytest.fail("closing the connections never stopped their generation")
-    # The server still serves normally afterwards.
-    assert http.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_tokenize_gives_byte_offsets(http):
@@ -312,16 +286,3 @@ def test_v1_models(http):
     body = http.get("/v1/models").json()
     model_id = http.get("/info").json()["model_id"]
     assert body == {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
-
-
-def test_idle_keep_alive_connection_outlives_uvicorns_default(server_url):
-    # Clients pool connections for longer than uvicorn's default 5 s idle timeout
-    # (aiohttp: 15 s); a connection idle for 6 s must still serve the next request.
-    port = int(server_url.rsplit(":", 1)[1])
-    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(request)
-        assert s.recv(4096).startswith(b"HTTP/1.1 200")
-        time.sleep(6)
-        s.sendall(request)
-        assert s.recv(4096).startswith(b"HTTP/1.1 200")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from dataclasses import dataclass
 
 import httpx
 import orjson
 import pytest
 
+from tests.helpers import metric_values
 from tests.unit.scripted_engine import ScriptedEngine, preload, tiny_tokenizer
 
 from tgi_compat.launcher import parse_config
@@ -40,14 +40,6 @@ def sse_events(body: bytes) -> list:
         payload = frame[5:].strip()
         events.append(payload.decode() if payload == b"[DONE]" else orjson.loads(payload))
     return events
-
-
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """``{labels: value}`` of one series in a Prometheus exposition ('' for no labels)."""
-    out = {}
-    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
-        out[m.group(1) or ""] = float(m.group(2))
-    return out
 
 
 class RawStream:

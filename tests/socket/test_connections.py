@@ -1,11 +1,12 @@
 """Clients that stop reading, trickle, idle or vanish cannot hold the server (the connection
-guards of tgi_compat/connection.py), on a real server with small timeouts and caps."""
+guards of tgi_compat/connection.py): the real server process on the scripted engine, small
+timeouts and caps, driven over raw sockets. What reached the engine and what was aborted is
+read from the engine itself (``/_scripted/state``), not inferred from token counts."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -13,72 +14,33 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, metric, wait_idle
+from tests.helpers import dechunk, post, raw_socket, read_to_close, rst_close, wait_for
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.socket
 
 SEND_TIMEOUT = 5
 READ_TIMEOUT = 3
 MAX_CONNECTIONS = 16
-MAX_CONCURRENT = 8
-ROUNDS = 3  # timing on this shared 2-core box: a round may be disturbed, never all
+MAX_CONCURRENT = 16  # = the connection cap: blocked generations can fill every connection
+ROUNDS = 3  # the frozen/slow pair only: a test process descheduled for seconds reads nothing
 
 
 @pytest.fixture(scope="module")
-def guarded():
-    server = ServerProcess(
-        ["--send-timeout", str(SEND_TIMEOUT), "--request-read-timeout", str(READ_TIMEOUT),
-         "--max-connections", str(MAX_CONNECTIONS), "--max-concurrent-requests", str(MAX_CONCURRENT),
-         "--max-total-tokens", "8192"],
-        log_name="guards",
+def guarded(module_scripted_server):
+    return module_scripted_server(
+        "--send-timeout", str(SEND_TIMEOUT), "--request-read-timeout", str(READ_TIMEOUT),
+        "--max-connections", str(MAX_CONNECTIONS), "--max-concurrent-requests", str(MAX_CONCURRENT),
+        "--max-total-tokens", "8192", log_name="guards",
     )
-    try:
-        server.wait_ready()
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            yield server, http
-    finally:
-        server.stop()
 
 
-def dropped(http: httpx.Client) -> float:
-    m = re.search(r'^tgi_request_failure\{err="dropped"\} (\S+)$', http.get("/metrics").text, re.M)
-    return float(m.group(1)) if m else 0.0
+def dropped(server) -> float:
+    return server.metric("tgi_request_failure", '{err="dropped"}')
 
 
-def raw_socket(port: int, *, internet_like: bool = False) -> socket.socket:
-    s = socket.socket()
-    if internet_like:
-        # An internet path's segment size (loopback's 64 KiB MSS makes the kernel buffer
-        # megabytes) and a small receive window: the server's buffers fill in ~100 KB.
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(60)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
-def post(s: socket.socket, path: str, body: dict, request_id: str = "") -> None:
-    data = json.dumps(body).encode()
-    rid = f"x-request-id: {request_id}\r\n" if request_id else ""
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{rid}"
-              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-
-
-def read_to_close(s: socket.socket) -> bytes:
-    """A whole answer of a connection the server closes after it (408, 503)."""
-    chunks = []
-    while chunk := s.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    return predicate()
+def engine_ids(state: dict, marker: str) -> set[str]:
+    """The engine request ids of the requests whose prompt carries ``marker``."""
+    return {r["id"] for r in state["requests"] if marker in r["prompt"]}
 
 
 class StallWatch(threading.Thread):
@@ -106,7 +68,7 @@ class StallWatch(threading.Thread):
 
 
 class SlowReader(threading.Thread):
-    """Reads a stream steadily but slowly (4 KB every 100 ms: ~40 KB/s)."""
+    """Reads a stream steadily but slowly (4 KB every 100 ms: ~40 KB/s): the client's own pace."""
 
     def __init__(self, port: int, body: dict):
         super().__init__(daemon=True)
@@ -144,38 +106,24 @@ class SlowReader(threading.Thread):
         return json.loads(dechunk(self.raw.split(b"\r\n\r\n", 1)[1]).rstrip(b"\n").rsplit(b"\n\n", 1)[-1][5:])
 
 
-def dechunk(body: bytes) -> bytes:
-    """An HTTP/1.1 chunked body's content."""
-    out, i = [], 0
-    while True:
-        end = body.index(b"\r\n", i)
-        size = int(body[i:end], 16)
-        if size == 0:
-            return b"".join(out)
-        out.append(body[end + 2 : end + 2 + size])
-        i = end + 2 + size + 2
-
-
-# 7,000 tokens with top-5 alternatives and details: megabytes of events (issue 16's case).
-FROZEN = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 7000, "top_n_tokens": 5, "details": True}}
-# ~200 KB of events: ~5 s at the slow reader's pace, longer than the send timeout.
-STEADY = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 300, "top_n_tokens": 5, "details": True}}
-
-
 def test_frozen_reader_is_cut_while_a_slow_reader_completes(guarded):
-    server, http = guarded
+    server = guarded
     log_start = server.log_path.stat().st_size
     disturbed = ""
-    for _ in range(ROUNDS):
-        assert wait_idle(http) == (0, 0)
-        before = dropped(http)
+    for n in range(ROUNDS):
+        server.wait_idle()
+        before = dropped(server)
+        # 7,000 tokens with top-5 alternatives and details: megabytes of events (issue 16's case).
+        frozen_body = {"inputs": f"frozen-{n}", "parameters": {"max_new_tokens": 7000, "top_n_tokens": 5, "details": True}}
+        # ~200 KB of events: ~5 s at the slow reader's pace, longer than the send timeout.
+        steady_body = {"inputs": f"steady-{n}", "parameters": {"max_new_tokens": 300, "top_n_tokens": 5, "details": True}}
         frozen = raw_socket(server.port, internet_like=True)
         start = time.monotonic()
         watch = StallWatch()
-        post(frozen, "/generate_stream", FROZEN)  # and never read
-        slow = SlowReader(server.port, STEADY)
+        post(frozen, "/generate_stream", frozen_body)  # and never read
+        slow = SlowReader(server.port, steady_body)
         try:
-            freed = wait_for(lambda: dropped(http) > before, timeout=SEND_TIMEOUT + 30)
+            freed = wait_for(lambda: dropped(server) > before, timeout=SEND_TIMEOUT + 30)
             elapsed = time.monotonic() - start
             slow.join(60)
         finally:
@@ -189,8 +137,13 @@ def test_frozen_reader_is_cut_while_a_slow_reader_completes(guarded):
         # The slow reader was never cut: it got its whole stream.
         assert slow.completed(), f"a steady reader was cut (longest stall {max(stalled, slow.longest_pause):.2f} s)"
         assert slow.last_event()["details"]["generated_tokens"] == 300
-        assert dropped(http) == before + 1
-        assert wait_idle(http) == (0, 0)
+        assert dropped(server) == before + 1
+        server.wait_idle()
+        # The engine request of the frozen reader was aborted; the slow reader's was not.
+        state = server.state()
+        (frozen_id,) = engine_ids(state, f"frozen-{n}")
+        (steady_id,) = engine_ids(state, f"steady-{n}")
+        assert frozen_id in state["aborts"] and steady_id not in state["aborts"]
         # From the request to the permit and engine request being freed: the server's
         # buffers fill (~100 KB), then send-timeout of no progress, then the abort.
         if elapsed <= SEND_TIMEOUT + 5:
@@ -198,12 +151,13 @@ def test_frozen_reader_is_cut_while_a_slow_reader_completes(guarded):
         disturbed = f"the frozen reader held its permit {elapsed:.1f} s (> send timeout + 5 s)"
     else:
         pytest.fail(f"every round was disturbed; the last: {disturbed}")
-    log = server.log_path.read_bytes()[log_start:].decode(errors="replace")
+    log = server.log(log_start)
     assert "send timeout" in log and "closed_by=send_timeout" in log, log[-3000:]
 
 
 def test_half_a_body_then_a_stall_gets_408_and_holds_nothing(guarded):
-    server, http = guarded
+    server = guarded
+    requests_before = len(server.state()["requests"])
     body = json.dumps({"inputs": "hello", "parameters": {"max_new_tokens": 5}}).encode()
     half = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     head_only = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -212,7 +166,7 @@ def test_half_a_body_then_a_stall_gets_408_and_holds_nothing(guarded):
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
     head_only.sendall(b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Le")
     # Meanwhile nothing is admitted: no permit, no engine request.
-    assert wait_idle(http) == (0, 0)
+    server.wait_idle()
     for s in (half, head_only):
         answer = read_to_close(s)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
@@ -222,12 +176,14 @@ def test_half_a_body_then_a_stall_gets_408_and_holds_nothing(guarded):
         }
         s.close()  # read_to_close saw the server close it
     assert time.monotonic() - start < READ_TIMEOUT + 10
-    assert metric(http, 'tgi_compat_connections_closed{reason="read_timeout"}') >= 2
-    assert http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    assert server.metric("tgi_compat_connections_closed", '{reason="read_timeout"}') >= 2
+    # Neither request ever reached the engine.
+    assert len(server.state()["requests"]) == requests_before
+    assert server.http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_idle_connections_past_the_cap_leave_the_server_answering(guarded):
-    server, http = guarded
+    server = guarded
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2 * MAX_CONNECTIONS)]
     try:
         # New clients are served: the longest-idle connections make room.
@@ -235,79 +191,80 @@ def test_idle_connections_past_the_cap_leave_the_server_answering(guarded):
             for _ in range(3):
                 r = fresh.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
                 assert r.status_code == 200
-        assert metric(http, 'tgi_compat_connections_closed{reason="idle_evicted"}') >= MAX_CONNECTIONS
-        assert metric(http, "tgi_compat_connections_open") <= MAX_CONNECTIONS + 1
+        assert server.metric("tgi_compat_connections_closed", '{reason="idle_evicted"}') >= MAX_CONNECTIONS
+        assert server.metric("tgi_compat_connections_open") <= MAX_CONNECTIONS
     finally:
         for s in idle:
             s.close()
 
 
 def test_busy_connections_at_the_cap_get_503_overloaded(guarded):
-    server, http = guarded
-    for _ in range(ROUNDS):
-        # Every connection busy (a request whose body is still arriving), none idle.
-        busy = []
-        for _ in range(MAX_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            s.sendall(b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-            busy.append(s)
-        try:
-            time.sleep(0.2)  # let the server read them (not an assertion)
-            extra = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            post(extra, "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2}})
-            answer = read_to_close(extra)
-            extra.close()
-        finally:
-            for s in busy:
-                s.close()
-        if answer.startswith(b"HTTP/1.1 503 "):
-            break  # else the busy ones timed out first (408) on a descheduled client: again
-    else:
-        pytest.fail(f"never answered 503 at the cap: {answer[:300]!r}")
+    server = guarded
+    server.wait_metric("tgi_compat_connections_open", 0)
+    requests_before = len(server.state()["requests"])
+    # Every connection busy (a generation in flight, blocked in the engine), none idle: no
+    # timer can free one first, so the extra request meets the cap by construction.
+    busy = []
+    for i in range(MAX_CONNECTIONS):
+        s = raw_socket(server.port, timeout=30)
+        post(s, "/generate", {"inputs": f"busy-{i} [block]", "parameters": {"max_new_tokens": 2}})
+        busy.append(s)
+    try:
+        server.wait_metric("tgi_compat_engine_requests", MAX_CONNECTIONS)
+        extra = raw_socket(server.port, timeout=30)
+        post(extra, "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2}})
+        answer = read_to_close(extra)
+        extra.close()
+    finally:
+        for s in busy:
+            s.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
         "error": f"Server overloaded: all {MAX_CONNECTIONS} connections are busy", "error_type": "overloaded"}
     assert b"connection: close" in answer.lower()
-    assert wait_idle(http) == (0, 0)
-    assert http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
-
-
-# As long as the server allows (8192 total): on 2 shared cores a wave of 8 ran 2,000 tokens
-# to their end (6 s) before a starved client had closed its sockets.
-LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8000}}
-
-
-def _generated_tokens(http: httpx.Client) -> float:
-    m = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", http.get("/metrics").text, re.M)
-    return float(m.group(1))
+    server.wait_idle()
+    # The refused request never reached the engine; every busy one was aborted when its client left.
+    state = server.state()
+    new = [r for r in state["requests"][requests_before:]]
+    assert sorted(r["prompt"] for r in new) == sorted(f"<s>busy-{i} [block]" for i in range(MAX_CONNECTIONS))
+    assert {r["id"] for r in new} <= set(state["aborts"])
+    assert server.http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_200_disconnects_under_full_load_all_abort(guarded):
-    server, http = guarded
-    assert wait_idle(http) == (0, 0)
+    server = guarded
+    server.wait_idle()
     log_start = server.log_path.stat().st_size
-    before, tokens_before = dropped(http), _generated_tokens(http)
-    total, ids = 200, []
+    before = dropped(server)
+    total, rids = 200, []
     for wave in range(0, total, MAX_CONCURRENT):
         socks = []
-        for i in range(wave, wave + MAX_CONCURRENT):  # every permit taken
+        for i in range(wave, min(wave + MAX_CONCURRENT, total)):  # every permit taken
             s = raw_socket(server.port)
             rid = f"drop-{i}"
-            post(s, "/generate_stream" if i % 2 == 0 else "/generate", LONG, rid)
+            post(s, "/generate_stream" if i % 2 == 0 else "/generate",
+                 {"inputs": f"{rid}. [block]", "parameters": {"max_new_tokens": 8000}}, rid)
             socks.append((s, i))
-            ids.append(rid)
-        assert wait_for(lambda: metric(http, "tgi_compat_engine_requests") == MAX_CONCURRENT, timeout=30)
+            rids.append(rid)
+        server.wait_metric("tgi_compat_engine_requests", len(socks))
         for s, i in socks:
             if i % 2 == 0:
                 assert s.recv(4096).startswith(b"HTTP/1.1 200")
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST: vanish
-            s.close()
-        assert wait_idle(http, timeout=10) == (0, 0)
-    assert dropped(http) - before == total
-    # Aborted, not run to the end: far fewer tokens than 200 full generations.
-    assert _generated_tokens(http) - tokens_before < total * 200
-    log = server.log_path.read_bytes()[log_start:].decode(errors="replace")
-    records = dict(re.findall(r"request_id=(drop-\d+) .*?error=dropped .*?closed_by=(\w+)", log))
-    assert sorted(records) == sorted(ids)
+            rst_close(s)  # vanish
+        server.wait_idle()
+    assert dropped(server) - before == total
+    # Every one of them reached the engine and was aborted there (they never end otherwise).
+    state = server.state()
+    mine = {r["id"] for r in state["requests"] if r["prompt"].startswith("<s>drop-")}
+    assert len(mine) == total
+    assert mine <= set(state["aborts"])
+    log = server.log(log_start)
+    records = {}
+    for line in log.splitlines():
+        if "error=dropped" in line and "request_id=drop-" in line:
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            records[fields["request_id"]] = fields.get("closed_by")
+    assert sorted(records) == sorted(rids)
     assert set(records.values()) == {"peer"}
 
 
@@ -324,7 +281,7 @@ def _server_side_timer(server_port: int, client_port: int) -> tuple[int, float] 
 
 
 def test_accepted_sockets_have_tcp_keepalive(guarded):
-    server, http = guarded
+    server = guarded
     s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     try:
         # The kernel lists the connection before the server accepts it and sets its options.

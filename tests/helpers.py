@@ -1,0 +1,140 @@
+"""Helpers shared by the test files (one copy each): waiting on a condition with a deadline,
+Prometheus exposition parsing, raw HTTP/1.1 over sockets, and background stream readers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05):
+    """``predicate()``'s first truthy value within ``timeout`` seconds, else its last value
+    (falsy): the test asserts on it. Polling a condition, never sleeping for an outcome."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def same_text(streamed: str, full: str) -> bool:
+    """Per-token text holds back a trailing incomplete UTF-8 character; decoding the
+    whole generation shows it as U+FFFD."""
+    return streamed == full.rstrip("\ufffd")
+
+
+# --- Prometheus' text exposition ---
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one series in a Prometheus exposition ('' for no labels,
+    else the braces as written, e.g. ``{err="dropped"}``)."""
+    out = {}
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
+        out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def labelled_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of ``name`` as (its labels as a dict, its value)."""
+    return [(dict(re.findall(r'(\w+)="([^"]*)"', labels)), value)
+            for labels, value in metric_values(text, name).items()]
+
+
+# --- raw HTTP/1.1 ---
+
+
+def raw_socket(port: int, *, internet_like: bool = False, timeout: float = 60) -> socket.socket:
+    """A connected client socket; ``internet_like``: an internet path's segment size (loopback's
+    64 KiB MSS makes the kernel buffer megabytes) and a small receive window, so the server's
+    buffers fill in ~100 KB."""
+    s = socket.socket()
+    if internet_like:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(timeout)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def post(s: socket.socket, path: str, body: dict | bytes, request_id: str = "") -> None:
+    """Send one JSON POST on ``s`` (``request_id``: its x-request-id)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    rid = f"x-request-id: {request_id}\r\n" if request_id else ""
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{rid}"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+
+
+def read_to_close(s: socket.socket) -> bytes:
+    """A whole answer of a connection the server closes after it (408, 503, ...)."""
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def rst_close(s: socket.socket) -> None:
+    """Vanish as a crashed client does: an RST, no FIN handshake."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    s.close()
+
+
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's content."""
+    out, i = [], 0
+    while True:
+        end = body.index(b"\r\n", i)
+        size = int(body[i:end], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[end + 2 : end + 2 + size])
+        i = end + 2 + size + 2
+
+
+def data_events(raw: bytes) -> list[dict]:
+    """The JSON of every ``data:`` event of an SSE body."""
+    return [json.loads(e[5:]) for e in raw.rstrip(b"\n").split(b"\n\n") if e.startswith(b"data:")]
+
+
+class StreamReader(threading.Thread):
+    """Reads one response to its end in the background (http.client: no per-thread
+    client set-up, so many readers start at once)."""
+
+    def __init__(self, url: str, body: dict, path: str = "/generate_stream"):
+        super().__init__(daemon=True)
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.body, self.path = json.dumps(body), path
+        self.chunks: list[bytes] = []
+        self.status = None
+        self.started = threading.Event()
+        self.sent = threading.Event()  # the request is on the wire
+        self.start()
+
+    def run(self):
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=120)
+        try:
+            conn.request("POST", self.path, self.body, {"Content-Type": "application/json"})
+            self.sent.set()
+            response = conn.getresponse()
+            self.status = response.status
+            while chunk := response.read1(65536):
+                self.chunks.append(chunk)
+                self.started.set()
+        except (OSError, http.client.HTTPException) as e:
+            self.chunks.append(f"<{type(e).__name__}>".encode())
+        finally:
+            conn.close()
+            self.sent.set()
+            self.started.set()
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def events(self) -> list[dict]:
+        return data_events(self.raw)
