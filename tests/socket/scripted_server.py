@@ -134,8 +134,9 @@ def scripted_routes(engine: SocketScriptedEngine):
 
 def main(argv: list[str] | None = None) -> int:
     from tgi_compat import server
-    from tgi_compat.cli import setup_logging
-    from tgi_compat.config import ConfigError, parse_config
+    from tgi_compat.config import ConfigError
+    from tgi_compat.launcher import parse_config
+    from tgi_compat.logs import setup_logging
 
     try:
         config, _ = parse_config(argv)
