@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tgi_compat.config import ConfigError, parse_config
+from tgi_compat.config import ConfigError, EmbeddedModelError, parse_config
 
 
 def _print_help() -> None:
@@ -75,14 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     for notice in config.notices:
         logger.info("%s", notice)
     apply_process_env(config)
-    if config.headless:  # engines only, for a front end on another node
-        from tgi_compat.headless import run_headless
-
-        return run_headless(config)
-    from tgi_compat.server import run
-
     try:
+        if config.headless:  # engines only, for a front end on another node
+            from tgi_compat.headless import run_headless
+
+            return run_headless(config)
+        from tgi_compat.server import run
+
         return run(config, log_config=log_config)
     except ConfigError as e:
         print(f"tgi-compat: error: {e}", file=sys.stderr)
         return 2
+    except EmbeddedModelError as e:
+        print(f"tgi-compat: error: {e}", file=sys.stderr)
+        return 1
