@@ -17,6 +17,14 @@ EMBEDDED_MODELS = {
 }
 
 
+def build_embedded_model(model_id: str) -> str:
+    """The directory of ``embedded:<name>``, built on first use (``EmbeddedModelError`` if it cannot be)."""
+    import importlib
+
+    module, builder = EMBEDDED_MODELS[model_id.removeprefix("embedded:")]
+    return str(getattr(importlib.import_module(module), builder)())
+
+
 @dataclass
 class Config:
     model_id: str | None = None  # None: serve the embedded tiny model (`embedded:tiny`)

@@ -57,15 +57,10 @@ def resolve_model(config: Config) -> str:
     model_id = config.model_id or "embedded:tiny"
     if not model_id.startswith("embedded:"):
         return model_id
-    import importlib
+    from tgi_compat.config import build_embedded_model
 
-    from tgi_compat.config import EMBEDDED_MODELS
-
-    name = model_id.removeprefix("embedded:")
-
-    module, builder = EMBEDDED_MODELS[name]
     started = time.monotonic()
-    config.model_path = path = str(getattr(importlib.import_module(module), builder)())
+    config.model_path = path = build_embedded_model(model_id)
     logger.info("serving the embedded model %s at %s (ready in %.1f s)", model_id, path, time.monotonic() - started)
     return path
 

