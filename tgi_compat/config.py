@@ -15,12 +15,22 @@ from tgi_compat.logs import LogLevels, parse_log_levels
 EMBEDDED_MODELS = {
     "tiny": ("tgi_compat.tiny_model", "build_tiny_model"),
     "tiny-vlm": ("tgi_compat.tiny_vlm", "build_tiny_vlm"),
+    "smollm2": ("tgi_compat.smollm2", "build_smollm2"),
 }
+
+
+def build_embedded_model(model_id: str) -> str:
+    """The directory of ``embedded:<name>``, built on first use (``EmbeddedModelError`` if it cannot be)."""
+    import importlib
+
+    module, builder = EMBEDDED_MODELS[model_id.removeprefix("embedded:")]
+    return str(getattr(importlib.import_module(module), builder)())
 
 
 @dataclass
 class Config:
     model_id: str | None = None  # None: serve the embedded tiny model (`embedded:tiny`)
+    model_path: str | None = None  # what vLLM loads, once resolved (an embedded model's directory)
     revision: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -100,3 +110,9 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration error: reported as one message, exit status 2, before anything starts."""
+
+
+class EmbeddedModelError(RuntimeError):
+    """An embedded model could not be fetched or built: one message, exit status 1 (the
+    command line was valid; as TGI's launcher exits 1 when its weight download fails)."""
+

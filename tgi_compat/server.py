@@ -53,20 +53,34 @@ ROUTER_NAME = "text-generation-router"
 
 def resolve_model(config: Config) -> str:
     """The path or hub id vLLM loads: ``--model-id`` as given, or an embedded model built
-    on first use (no ``--model-id``: ``embedded:tiny``)."""
+    on first use (no ``--model-id``: ``embedded:tiny``). Resolved once per config; a build
+    that fails raises ``EmbeddedModelError`` (one line, exit status 1)."""
+    if config.model_path:
+        return config.model_path
     model_id = config.model_id or "embedded:tiny"
     if not model_id.startswith("embedded:"):
         return model_id
-    import importlib
+    from tgi_compat.config import build_embedded_model
 
-    from tgi_compat.config import EMBEDDED_MODELS
-
-    name = model_id.removeprefix("embedded:")
-
-    module, builder = EMBEDDED_MODELS[name]
-    path = str(getattr(importlib.import_module(module), builder)())
-    logger.info("serving the embedded model %s at %s", model_id, path)
+    started = time.monotonic()
+    config.model_path = path = build_embedded_model(model_id)
+    logger.info("serving the embedded model %s at %s (ready in %.1f s)", model_id, path, time.monotonic() - started)
     return path
+
+
+def model_identity(config: Config, engine) -> dict:
+    """/info's ``model_id``, ``model_sha`` and ``model_pipeline_tag``: for an embedded
+    model that stands for a Hub model, that model's (what a TGI user would pass); else
+    ``--model-id`` as given (or the embedded tiny model's directory)."""
+    identity = {"model_id": config.model_id or engine.engine_args.model, "model_sha": None, "model_pipeline_tag": None}
+    if config.model_id and config.model_id.startswith("embedded:"):
+        import importlib
+
+        from tgi_compat.config import EMBEDDED_MODELS
+
+        module, _ = EMBEDDED_MODELS[config.model_id.removeprefix("embedded:")]
+        identity.update(getattr(importlib.import_module(module), "INFO", {}))
+    return identity
 
 
 def config_engine_args(config: Config):
@@ -269,11 +283,8 @@ def _image_fetcher(config: Config, engine):
 
 def _info(config: Config, engine, max_input: int, max_total: int) -> dict:
     """TGI's ``/info`` body."""
-    model_id = config.model_id or engine.engine_args.model
     return {
-        "model_id": model_id,
-        "model_sha": None,
-        "model_pipeline_tag": None,
+        **model_identity(config, engine),
         "max_concurrent_requests": config.max_concurrent_requests,
         "max_best_of": config.max_best_of,
         "max_stop_sequences": config.max_stop_sequences,
@@ -359,6 +370,10 @@ def run(config: Config, log_config: dict | None = None, engine=None) -> int:
             main_socket.close()
             metrics_socket.close()
             raise
+    if engine is None:
+        # Before the app: a failed fetch or build of an embedded model is one line and exit
+        # status 1, not a lifespan traceback.
+        resolve_model(config)
     app = create_app(config, engine=engine, metrics_socket=metrics_socket)
     server = Server(
         uvicorn.Config(

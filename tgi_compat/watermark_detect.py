@@ -144,7 +144,7 @@ def _vocab_size(model_id: str, tokenizer) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tgi_compat.watermark_detect", description=__doc__.split("\n")[0])
-    ap.add_argument("--model-id", required=True, help="model path or hub id (tokenizer and config)")
+    ap.add_argument("--model-id", required=True, help="model path, hub id or embedded:<name> (tokenizer and config)")
     ap.add_argument("--prompt", default=None, help="prompt the text continues; its last token seeds the first green list")
     ap.add_argument("--gamma", type=float, default=None, help="green-list fraction (default: env WATERMARK_GAMMA or 0.5)")
     ap.add_argument("--vocab-size", type=int, default=None, help="logits width (default: the model config's vocab_size)")
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    if args.model_id.startswith("embedded:"):  # as the server resolves it
+        from tgi_compat.config import build_embedded_model
+
+        args.model_id = build_embedded_model(args.model_id)
     tokenizer = AutoTokenizer.from_pretrained(args.model_id)
     text = sys.stdin.read() if args.text == "-" else args.text
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -106,3 +106,31 @@ def test_chat_format_no_tool_ends_the_generation_as_a_value():
     assert ended == NO_TOOL
     assert b"".join(frames) == b""  # nothing was sent for the tool generation
     assert len(frames) == 11  # and nothing after the token that named no_tool was looked at
+
+
+def test_tool_call_with_tokens_spanning_the_name_and_the_next_key():
+    """SmolLM2's byte-level BPE emits compact JSON's `","` and `":"` as single tokens: the
+    name is known when its string closes, and what that token holds past it (`"` of the
+    next key) starts the arguments. (TGI's rule, the text closable with `}}`, holds only
+    once the whole call is there, which would lose the arguments.)"""
+    tokens = ['{"', "function", '":{"', "_", "name", '":"', "get", "_", "weather", '","', "location", '":"',
+              "Paris", '","', "unit", '":"', "c", "elsius", '"}}', "<|im_end|>"]
+    state = ToolCallState()
+    assert [state.push(t) for t in tokens[:9]] == [None] * 9
+    deltas = [state.push(t) for t in tokens[9:]]
+    assert deltas[0] == ToolDelta("get_weather", '{"')
+    assert deltas[-1] is None  # nothing after the complete call (the EOS token)
+    arguments = "".join(d.arguments for d in deltas[:-1])
+    assert orjson.loads(arguments) == {"location": "Paris", "unit": "celsius"}
+    assert state.buffering
+
+
+def test_tool_call_whole_in_one_piece_and_without_arguments():
+    state = ToolCallState()
+    assert state.push('{"function":{"_name":"get_weather","location":"Paris"}}') == ToolDelta(
+        "get_weather", '{"location":"Paris"}')
+    state = ToolCallState()
+    assert state.push('{"function":{"_name":"now"') == ToolDelta("now", "{")
+    assert state.push("}}") == ToolDelta(None, "}")
+    state = ToolCallState()
+    assert [state.push(t) for t in ['{"function": {"_name": "no', '_tool",']] == [None, NO_TOOL_CHOSEN]

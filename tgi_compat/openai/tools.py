@@ -11,6 +11,7 @@ state machine (TGI's ``ChatState::push``): it returns what each token means as a
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, NamedTuple
 
 from tgi_compat.chat_template import compact_json
@@ -143,37 +144,56 @@ class NoTool:
 NO_TOOL_CHOSEN = NoTool()
 
 
+# The call's head up to the end of the function's name (the grammar puts `_name` first).
+_NAME_HEAD = re.compile(r'\s*\{\s*"function"\s*:\s*\{\s*"_name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
 class ToolCallState:
     """The tool-call JSON of a chat stream, token by token (TGI's ``ChatState`` states
     Buffering and Tool, router/src/chat.rs).
 
     ``push(text)`` returns None while the function's name is not known yet (nothing to
     send), ``NO_TOOL_CHOSEN`` when that name is ``no_tool``, else a ``ToolDelta``: first
-    ``(name, "{")``, then each token's text as an arguments piece. When the call object
-    is complete, its closing ``}`` (the wrapper's) is cut and buffering starts again.
+    ``(name, "{" + what the token holds past the name and its comma)``, then each token's
+    text as an arguments piece. When the call object is complete, its closing ``}`` (the
+    wrapper's) is cut and buffering starts again (TGI's state), in which nothing more is
+    sent (the EOS token after the call included).
+
+    TGI knows the name once the text, cut of trailing whitespace, commas and braces and
+    closed with ``}}``, parses. A byte-level BPE tokenizer with compact JSON (SmolLM2's)
+    emits ``","`` as one token, so that never holds before the call is complete and TGI's
+    stream would carry ``{`` and ``}`` with the arguments lost; the name is taken as soon
+    as its string closes instead, which is the same token whenever TGI's rule works.
     """
 
-    __slots__ = ("buffering", "text")
+    __slots__ = ("buffering", "text", "complete")
 
     def __init__(self):
         self.buffering = True
         self.text = ""
+        self.complete = False
 
     def push(self, text: str) -> ToolDelta | NoTool | None:
         self.text += text
         if self.buffering:
-            # TGI closes the partial object and tries to parse the name out of it.
-            partial = self.text.rstrip(" \t\r\n,}")
-            call = parse_call(partial + "}}")
-            if call is None:
+            if self.complete:
                 return None
-            if call[0] == NO_TOOL:
+            head = _NAME_HEAD.match(self.text)
+            if head is None:
+                return None
+            name = json.loads(f'"{head.group(1)}"')
+            if name == NO_TOOL:
                 return NO_TOOL_CHOSEN
             self.buffering = False
-            return ToolDelta(call[0], "{")
-        if parse_call(self.text) is not None:
-            self.buffering = True
-            text = text.rstrip()
-            if text.endswith("}"):
-                text = text[:-1]
-        return ToolDelta(None, text)
+            rest = self.text[head.end():].lstrip()
+            rest = rest[1:] if rest.startswith(",") else rest
+            return ToolDelta(name, "{" + self._closing(rest))
+        return ToolDelta(None, self._closing(text))
+
+    def _closing(self, piece: str) -> str:
+        """``piece``, without the wrapper's closing brace when it completes the call."""
+        if parse_call(self.text) is None:
+            return piece
+        self.buffering = self.complete = True
+        piece = piece.rstrip()
+        return piece[:-1] if piece.endswith("}") else piece
