@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -158,9 +157,15 @@ def test_gauges_admission_and_disconnects_across_engines(dp_server):
     url = dp_server.url
     with ThreadPoolExecutor(CAP) as pool:  # at once, as concurrent clients arrive
         socks = list(pool.map(lambda _: _open_raw_stream(dp_server.port, LONGEST), range(CAP)))
-    # Both engines spin on this 2-core host and starve the front end: pause every engine
-    # and worker process so /metrics answers, with the gauges of the engines' last steps.
-    time.sleep(0.5)
+    # Every stream has its first token; wait until an engine step after that has reported
+    # them all (the gauges are per step), then, since both engines spin on this 2-core host
+    # and starve the front end, pause every engine and worker process so /metrics answers.
+    def all_reported():
+        text = httpx.get(url + "/metrics", timeout=60).text
+        running, queued = per_engine(text, "tgi_compat_engine_batch_size"), per_engine(text, "tgi_compat_engine_queue_size")
+        return sum(running.values()) + sum(queued.values()) == CAP and min(running.values(), default=0) > 0
+
+    assert wait_for(all_reported, timeout=60)
     engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
     for p in engine_procs:
         p.suspend()

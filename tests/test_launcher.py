@@ -4,6 +4,7 @@ TGI's flag list, so a TGI flag missing from our table fails here. No engine is s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -518,7 +519,8 @@ def test_help_runs():
 @pytest.mark.engine
 def test_server_from_env_vars_only(tmp_path, tiny):
     """MODEL_ID is a Hub id read from HUGGINGFACE_HUB_CACHE (offline), everything else TGI's env
-    vars; /info reflects the limits and a real Prometheus scrapes --prometheus-port."""
+    vars; /info reflects the limits, a real Prometheus scrapes --prometheus-port, and
+    JSON_OUTPUT makes every log line JSON (ours, uvicorn's and vLLM's)."""
     import httpx
 
     from tests.conftest import prometheus_scraping, wait_http_ok
@@ -552,7 +554,7 @@ def test_server_from_env_vars_only(tmp_path, tiny):
         "GRACEFUL_TERMINATION_TIMEOUT": "5",
         "MAX_BATCH_TOTAL_TOKENS": "4096",
         "WAITING_SERVED_RATIO": "1.2",
-        "JSON_OUTPUT": "false",
+        "JSON_OUTPUT": "true",
     }
     log_dir = Path(os.environ.get("TGI_COMPAT_TEST_LOGS", ROOT / ".test-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -567,7 +569,8 @@ def test_server_from_env_vars_only(tmp_path, tiny):
             assert info["model_id"] == "tgi-compat/tiny"
             assert (info["max_input_tokens"], info["max_total_tokens"]) == (200, 256)
             assert (info["max_concurrent_requests"], info["max_client_batch_size"], info["validation_workers"]) == (9, 3, 3)
-            r = http.post("/generate", json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 4}})
+            r = http.post("/generate", json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 4}},
+                          headers={"x-request-id": "json-1"})
             assert r.status_code == 200 and r.json()["generated_text"]
             long = http.post("/generate", json={"inputs": "a " * 300, "parameters": {"max_new_tokens": 4}})
             assert long.status_code == 422  # MAX_INPUT_TOKENS
@@ -595,6 +598,14 @@ def test_server_from_env_vars_only(tmp_path, tiny):
         # SIGTERM: the drain (GRACEFUL_TERMINATION_TIMEOUT) ends in a clean exit.
         os.killpg(proc.pid, 15)
         assert proc.wait(60) == 0
+        # JSON_OUTPUT: every log line of ours, uvicorn's and the engine's is a JSON record
+        # (lines printed by other libraries straight to stdout are not log lines).
+        records = [json.loads(line) for line in log_path.read_text(errors="replace").splitlines()
+                   if line.lstrip().startswith("{")]
+        ours = [rec for rec in records if rec.get("request_id") == "json-1"]
+        assert ours and ours[0]["generated_tokens"] == 4 and ours[0]["status"] == 200
+        assert any(rec.get("name", "").startswith("vllm") for rec in records)  # the engine's logs too
+        assert any(rec.get("name", "").startswith("uvicorn") for rec in records)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
