@@ -18,13 +18,13 @@ import socket
 import struct
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_port, wait_idle
+from tests.conftest import ROOT, ServerProcess, free_port, metric, wait_idle
 from tests.helpers import StreamReader, wait_for
 
 # Two engines start in about two minutes here (each compiles the model on one core).
@@ -139,38 +139,46 @@ def test_every_route_serves_and_each_engines_work_is_counted_once(dp_server):
         assert set(per_engine(after, gauge)) == {"0", "1"}, gauge
 
 
-def _open_raw_stream(port: int, body: dict) -> socket.socket:
-    """A /generate_stream request on a raw socket, returned once its first event arrived."""
+def _send_raw_stream(port: int, body: dict) -> socket.socket:
+    """A /generate_stream request sent on a raw socket (its answer is left unread)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.sendall(f"POST /generate_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    received = b""
-    while b"data:" not in received:
-        chunk = sock.recv(4096)
-        assert chunk, received
-        received += chunk
     return sock
+
+
+def _all_running(text: str) -> bool:
+    running, queued = per_engine(text, "tgi_compat_engine_batch_size"), per_engine(text, "tgi_compat_engine_queue_size")
+    return sum(running.values()) + sum(queued.values()) == CAP and min(running.values(), default=0) > 0
 
 
 def test_gauges_admission_and_disconnects_across_engines(dp_server):
     url = dp_server.url
-    with ThreadPoolExecutor(CAP) as pool:  # at once, as concurrent clients arrive
-        socks = list(pool.map(lambda _: _open_raw_stream(dp_server.port, LONGEST), range(CAP)))
-    # Every stream has its first token; wait until an engine step after that has reported
-    # them all (the gauges are per step), then, since both engines spin on this 2-core host
-    # and starve the front end, pause every engine and worker process so /metrics answers.
-    def all_reported():
-        text = httpx.get(url + "/metrics", timeout=60).text
-        running, queued = per_engine(text, "tgi_compat_engine_batch_size"), per_engine(text, "tgi_compat_engine_queue_size")
-        return sum(running.values()) + sum(queued.values()) == CAP and min(running.values(), default=0) > 0
-
-    assert wait_for(all_reported, timeout=60)
+    # Two engines spinning on this 2-core host starve the front end (it can go 30 s without
+    # answering /metrics while they run): the engines run in short bursts and are paused
+    # (SIGSTOP) whenever the test reads the front end, so every read sees a front end that
+    # has caught up, and no stream can run to its end (8,092 steps) before it is checked.
     engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
     for p in engine_procs:
         p.suspend()
+    socks: list[socket.socket] = []
     try:
-        text = httpx.get(url + "/metrics", timeout=60).text
+        socks += [_send_raw_stream(dp_server.port, LONGEST) for _ in range(CAP)]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            # Admitted and handed to the engines (the front end alone, the engines paused).
+            assert wait_for(lambda: metric(c, "tgi_compat_engine_requests") == CAP, timeout=30)
+            text = ""
+            for _ in range(100):  # the engines run 0.1 s at a time until a step reports every stream
+                for p in engine_procs:
+                    p.resume()
+                time.sleep(0.1)  # engine run time (pacing), not synchronisation: the check follows
+                for p in engine_procs:
+                    p.suspend()
+                text = wait_for(lambda: _all_running(t := c.get("/metrics").text) and t, timeout=2) or text
+                if _all_running(text):
+                    break
+            assert _all_running(text), text[:3000]
         running = per_engine(text, "tgi_compat_engine_batch_size")
         usage = per_engine(text, "tgi_compat_engine_kv_cache_usage")
         queued = per_engine(text, "tgi_compat_engine_queue_size")
