@@ -214,11 +214,28 @@ def test_gauges_admission_and_disconnects_across_engines(dp_server):
 
 def test_drain_finishes_every_engines_requests_then_exits_zero(dp_server):
     url = dp_server.url
-    short = [StreamReader(url, {"inputs": f"drain {i}", "parameters": {"max_new_tokens": 40}}) for i in range(4)]
-    long = [StreamReader(url, LONG) for _ in range(2)]
-    for s in short + long:
-        assert s.started.wait(60)
-    os.kill(dp_server.proc.pid, signal.SIGTERM)
+    # As in the gauges test: the engines run in 0.1 s bursts until every stream has started,
+    # so no long stream can run to its end before the SIGTERM (seen in CI); the drain then
+    # runs with the engines free.
+    engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
+    for p in engine_procs:
+        p.suspend()
+    try:
+        short = [StreamReader(url, {"inputs": f"drain {i}", "parameters": {"max_new_tokens": 40}}) for i in range(4)]
+        long = [StreamReader(url, LONG) for _ in range(2)]
+        for _ in range(200):
+            if all(s.started.is_set() for s in short + long):
+                break
+            for p in engine_procs:
+                p.resume()
+            time.sleep(0.1)  # engine run time (pacing), not synchronisation: the check follows
+            for p in engine_procs:
+                p.suspend()
+        assert all(s.started.is_set() for s in short + long)
+        os.kill(dp_server.proc.pid, signal.SIGTERM)
+    finally:
+        for p in engine_procs:
+            p.resume()
     for s in short:
         s.join(60)
         assert s.events()[-1]["generated_text"] is not None
