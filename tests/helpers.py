@@ -1,5 +1,6 @@
 """Helpers shared by the test files (one copy each): waiting on a condition with a deadline,
-Prometheus exposition parsing, raw HTTP/1.1 over sockets, and background stream readers."""
+Prometheus exposition parsing, raw HTTP/1.1 over sockets, background stream readers, and
+engines run in short bursts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 import socket
 import threading
 import time
+
+import psutil
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05):
@@ -138,3 +141,43 @@ class StreamReader(threading.Thread):
 
     def events(self) -> list[dict]:
         return data_events(self.raw)
+
+
+class PausedEngines:
+    """The engine processes under the given server processes, stopped (SIGSTOP) and run in
+    short bursts.
+
+    On this 2-core host a spinning engine starves the front end and the test client (30 s
+    without an answer has been seen), so a test that must act while long streams are in
+    flight stops the engines, lets them run 0.1 s at a time between its checks, and acts
+    while they are stopped: no stream can run to its end behind the test's back. Leaving
+    the block resumes every engine still alive."""
+
+    def __init__(self, *pids: int):
+        self.procs = [c for pid in pids for c in psutil.Process(pid).children(recursive=True)]
+
+    def __enter__(self) -> "PausedEngines":
+        for p in self.procs:
+            p.suspend()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._each("resume")
+
+    def _each(self, action: str) -> None:
+        for p in self.procs:
+            try:
+                getattr(p, action)()
+            except psutil.NoSuchProcess:  # killed by the test (zombies included)
+                pass
+
+    def run_until(self, condition, rounds: int = 200, burst: float = 0.1) -> bool:
+        """Runs the engines ``burst`` seconds at a time until ``condition()`` holds with
+        them stopped; its value then (False after ``rounds`` bursts)."""
+        for _ in range(rounds):
+            if condition():
+                return True
+            self._each("resume")
+            time.sleep(burst)  # engine run time (pacing), not synchronisation: the check follows
+            self._each("suspend")
+        return bool(condition())

@@ -18,14 +18,13 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 import httpx
 import psutil
 import pytest
 
 from tests.conftest import ROOT, ServerProcess, free_port, metric, wait_idle
-from tests.helpers import StreamReader, wait_for
+from tests.helpers import PausedEngines, StreamReader, wait_for
 
 # Two engines start in about two minutes here (each compiles the model on one core).
 pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]
@@ -159,52 +158,45 @@ def test_gauges_admission_and_disconnects_across_engines(dp_server):
     # answering /metrics while they run): the engines run in short bursts and are paused
     # (SIGSTOP) whenever the test reads the front end, so every read sees a front end that
     # has caught up, and no stream can run to its end (8,092 steps) before it is checked.
-    engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
-    for p in engine_procs:
-        p.suspend()
     socks: list[socket.socket] = []
-    try:
-        socks += [_send_raw_stream(dp_server.port, LONGEST) for _ in range(CAP)]
-        with httpx.Client(base_url=url, timeout=60) as c:
-            # Admitted and handed to the engines (the front end alone, the engines paused).
-            assert wait_for(lambda: metric(c, "tgi_compat_engine_requests") == CAP, timeout=30)
-            text = ""
-            for _ in range(100):  # the engines run 0.1 s at a time until a step reports every stream
-                for p in engine_procs:
-                    p.resume()
-                time.sleep(0.1)  # engine run time (pacing), not synchronisation: the check follows
-                for p in engine_procs:
-                    p.suspend()
-                text = wait_for(lambda: _all_running(t := c.get("/metrics").text) and t, timeout=2) or text
-                if _all_running(text):
-                    break
-            assert _all_running(text), text[:3000]
-        running = per_engine(text, "tgi_compat_engine_batch_size")
-        usage = per_engine(text, "tgi_compat_engine_kv_cache_usage")
-        queued = per_engine(text, "tgi_compat_engine_queue_size")
-        # Both engines run requests; TGI's gauges are their sums; vLLM's agree per engine.
-        assert min(running.values()) > 0 and min(usage.values()) > 0, (running, usage)
-        assert sum(running.values()) + sum(queued.values()) == CAP
-        assert plain(text, "tgi_batch_current_size") == sum(running.values())
-        assert plain(text, "tgi_queue_size") == sum(queued.values())
-        assert per_engine(text, "vllm:num_requests_running") == running
-        assert per_engine(text, "vllm:kv_cache_usage_perc") == usage
-        capacity = plain(text, "tgi_batch_max_total_tokens") / 2
-        assert plain(text, "tgi_batch_current_max_tokens") == round(sum(usage.values()) * capacity)
-        # Admission: the cap counts generations on every engine.
-        r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=60)
-        assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
-    finally:
-        # The clients vanish mid-stream while the engines are still paused: the front end,
-        # no longer starved, sees the disconnects before the engines can run any stream to
-        # its end (running, they outpace the starved front end by thousands of tokens).
-        for sock in socks:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-        with httpx.Client(base_url=url, timeout=60) as c:
-            wait_idle(c, timeout=30)  # the drops are recorded and the permits released
-        for p in engine_procs:
-            p.resume()
+    with PausedEngines(dp_server.proc.pid) as engines:
+        try:
+            socks += [_send_raw_stream(dp_server.port, LONGEST) for _ in range(CAP)]
+            with httpx.Client(base_url=url, timeout=60) as c:
+                # Admitted and handed to the engines (the front end alone, the engines paused).
+                assert wait_for(lambda: metric(c, "tgi_compat_engine_requests") == CAP, timeout=30)
+                seen = {"text": ""}
+
+                def every_stream_running() -> bool:  # read with the engines stopped, after a burst
+                    seen["text"] = wait_for(lambda: _all_running(t := c.get("/metrics").text) and t, timeout=2) or seen["text"]
+                    return _all_running(seen["text"])
+
+                assert engines.run_until(every_stream_running, rounds=100), seen["text"][:3000]
+                text = seen["text"]
+            running = per_engine(text, "tgi_compat_engine_batch_size")
+            usage = per_engine(text, "tgi_compat_engine_kv_cache_usage")
+            queued = per_engine(text, "tgi_compat_engine_queue_size")
+            # Both engines run requests; TGI's gauges are their sums; vLLM's agree per engine.
+            assert min(running.values()) > 0 and min(usage.values()) > 0, (running, usage)
+            assert sum(running.values()) + sum(queued.values()) == CAP
+            assert plain(text, "tgi_batch_current_size") == sum(running.values())
+            assert plain(text, "tgi_queue_size") == sum(queued.values())
+            assert per_engine(text, "vllm:num_requests_running") == running
+            assert per_engine(text, "vllm:kv_cache_usage_perc") == usage
+            capacity = plain(text, "tgi_batch_max_total_tokens") / 2
+            assert plain(text, "tgi_batch_current_max_tokens") == round(sum(usage.values()) * capacity)
+            # Admission: the cap counts generations on every engine.
+            r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=60)
+            assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
+        finally:
+            # The clients vanish mid-stream while the engines are still paused: the front end,
+            # no longer starved, sees the disconnects before the engines can run any stream to
+            # its end (running, they outpace the starved front end by thousands of tokens).
+            for sock in socks:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            with httpx.Client(base_url=url, timeout=60) as c:
+                wait_idle(c, timeout=30)  # the drops are recorded and the permits released
     with httpx.Client(base_url=url, timeout=60) as c:
         # Each request is aborted in whichever engine ran it.
         assert wait_idle(c, timeout=60) == (0, 0)
@@ -214,33 +206,20 @@ def test_gauges_admission_and_disconnects_across_engines(dp_server):
 
 def test_drain_finishes_every_engines_requests_then_exits_zero(dp_server):
     url = dp_server.url
-    # As in the gauges test: the engines run in 0.1 s bursts until every stream has started,
-    # so no long stream can run to its end before the SIGTERM (seen in CI); the drain then
-    # runs with the engines free.
-    engine_procs = psutil.Process(dp_server.proc.pid).children(recursive=True)
-    for p in engine_procs:
-        p.suspend()
-    try:
+    # The engines run in bursts (PausedEngines) until every stream has started; after the
+    # SIGTERM, until the short streams have finished; then they stay stopped, so the long
+    # streams cannot reach their end (CI once saw one finish inside the 3 s drain) and the
+    # drain's deadline ends them with the in-band error.
+    with PausedEngines(dp_server.proc.pid) as engines:
         short = [StreamReader(url, {"inputs": f"drain {i}", "parameters": {"max_new_tokens": 40}}) for i in range(4)]
         long = [StreamReader(url, LONG) for _ in range(2)]
-        for _ in range(200):
-            if all(s.started.is_set() for s in short + long):
-                break
-            for p in engine_procs:
-                p.resume()
-            time.sleep(0.1)  # engine run time (pacing), not synchronisation: the check follows
-            for p in engine_procs:
-                p.suspend()
-        assert all(s.started.is_set() for s in short + long)
+        assert engines.run_until(lambda: all(s.started.is_set() for s in short + long))
         os.kill(dp_server.proc.pid, signal.SIGTERM)
-    finally:
-        for p in engine_procs:
-            p.resume()
+        assert engines.run_until(lambda: not any(s.is_alive() for s in short))
+        assert wait_for(lambda: not any(s.is_alive() for s in long), timeout=30)
     for s in short:
-        s.join(60)
-        assert s.events()[-1]["generated_text"] is not None
+        assert s.events()[-1]["generated_text"] is not None, s.raw[-400:]
     for s in long:
-        s.join(60)
         assert s.events()[-1] == {
             "error": "Request failed during generation: the server is shutting down", "error_type": "generation"}
     assert dp_server.proc.wait(60) == 0
@@ -307,14 +286,15 @@ def test_requests_spread_over_the_front_end_and_the_headless_node(two_nodes):
 
 def test_killing_the_headless_node_fails_health_and_in_flight_requests(two_nodes):
     front, headless = two_nodes
-    # Checked before the streams start: busy engines on 2 cores starve the front end, and a
-    # slow /health here once let the streams run to their end before the kill.
     assert httpx.get(front.url + "/health", timeout=30).status_code == 200
-    streams = [StreamReader(front.url, LONGEST) for _ in range(4)]
-    for s in streams:
-        assert s.started.wait(60)
-    in_flight = [s for s in streams if s.is_alive()]
-    headless.kill()  # the whole node goes away
+    # Both nodes' engines run in bursts until every stream has started, and the headless
+    # node dies while they are stopped: no stream can run to its end before the kill (busy
+    # engines starve the front end and the test on this host).
+    with PausedEngines(front.proc.pid, headless.proc.pid) as engines:
+        streams = [StreamReader(front.url, LONGEST) for _ in range(4)]
+        assert engines.run_until(lambda: all(s.started.is_set() for s in streams))
+        in_flight = [s for s in streams if s.is_alive()]
+        headless.kill()  # the whole node goes away
     assert in_flight, "every stream ended before the kill"
     assert wait_for(lambda: httpx.get(front.url + "/health", timeout=30).status_code == 503, timeout=30, interval=0.2)
     failed, finished = [], []

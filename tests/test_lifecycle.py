@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.helpers import StreamReader, metric_values, wait_for
+from tests.helpers import PausedEngines, StreamReader, metric_values, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -49,31 +49,17 @@ def test_killed_engine_fails_requests_and_exits_nonzero(fault_server):
     # The engine spinning at full speed starves the front end for seconds, long enough for
     # a stream to run its 8,000 tokens before the test gets to the kill (seen in CI). So the
     # engine runs in 0.1 s bursts (SIGSTOP between them) until every stream has its first
-    # token and the non-stream request is in the engine; the engine core dies while stopped.
-    procs = psutil.Process(fault_server.proc.pid).children(recursive=True)
-    for p in procs:
-        p.suspend()
-    streams = [StreamReader(url, LONG) for _ in range(3)]
-    non_stream = StreamReader(url, LONG, path="/generate")
-    try:
+    # token and the non-stream request is in the engine (PausedEngines); the engine core
+    # dies while stopped.
+    with PausedEngines(fault_server.proc.pid) as engines:
+        streams = [StreamReader(url, LONG) for _ in range(3)]
+        non_stream = StreamReader(url, LONG, path="/generate")
         assert non_stream.sent.wait(30) and all(s.sent.wait(30) for s in streams)
-        for _ in range(100):
-            if all(s.started.is_set() for s in streams) and metric(url, "tgi_compat_engine_requests") == 4:
-                break
-            for p in procs:
-                p.resume()
-            time.sleep(0.1)  # engine run time (pacing), not synchronisation: the check follows
-            for p in procs:
-                p.suspend()
-        assert all(s.started.is_set() for s in streams) and metric(url, "tgi_compat_engine_requests") == 4
+        assert engines.run_until(
+            lambda: all(s.started.is_set() for s in streams) and metric(url, "tgi_compat_engine_requests") == 4,
+            rounds=100)
         engine_core(fault_server).kill()
         killed = time.monotonic()
-    finally:
-        for p in procs:
-            try:
-                p.resume()
-            except psutil.NoSuchProcess:
-                pass
     assert wait_for(lambda: httpx.get(url + "/health", timeout=10).status_code == 503, timeout=1.0)
     assert time.monotonic() - killed < 1.0
     for s in streams + [non_stream]:
