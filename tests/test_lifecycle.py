@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import EAGER, ServerProcess
 from tests.helpers import PausedEngines, StreamReader, metric_values, wait_for
 
 pytestmark = pytest.mark.engine
@@ -36,7 +36,7 @@ def engine_core(server: ServerProcess) -> psutil.Process:
 @pytest.fixture
 def fault_server():
     server = ServerProcess(
-        ["--health-stall-timeout", "2", "--engine-failure-grace", "2"],
+        ["--health-stall-timeout", "2", "--engine-failure-grace", "2", *EAGER],
         log_name="fault",
     )
     server.wait_ready()

@@ -19,7 +19,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import EAGER, ServerProcess, free_port
 
 pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]
 
@@ -46,7 +46,7 @@ def _serve(flags: list[str], log_name: str, env: dict[str, str] | None = None):
     from tgi_compat.tiny_model import build_tiny_model
 
     adapter = build_tiny_lora(build_tiny_model(), f"/tmp/tgi-compat-test-lora-{os.getpid()}")
-    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}", *flags],
+    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}", *EAGER, *flags],
                            env={**_bind(), **(env or {})}, log_name=log_name)
     try:
         server.wait_ready()

@@ -20,7 +20,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from PIL import Image
 
-from tests.conftest import ServerProcess
+from tests.conftest import EAGER, ServerProcess
 from tgi_compat import tiny_vlm
 
 pytestmark = pytest.mark.topology
@@ -109,6 +109,7 @@ def vlm():
             "--image-fetch-timeout", str(TIMEOUT),
             "--max-images-per-request", str(MAX_IMAGES),
             "--image-fetch-allow", "localhost",
+            *EAGER,
         ],
         log_name="vlm",
     )
@@ -285,11 +286,3 @@ def test_chat_with_image_parts(vlm, images_host):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         oa.chat.completions.create(model="tgi", messages=chat_messages("data:x"), max_tokens=4)
     assert e.value.response.json() == {"error": "Input validation error: invalid image content: x", "error_type": "validation"}
-
-
-def test_text_model_keeps_markdown_as_text(http):
-    """The text-only model (main server): `![](...)` in `inputs` stays text, as TGI."""
-    prompt = f"Describe ![]({uri(A)[:60]}) briefly."
-    r = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 2}})
-    assert r.status_code == 200
-    assert int(r.headers["x-prompt-tokens"]) == len(http.post("/tokenize", json={"inputs": prompt}).json())

@@ -267,6 +267,15 @@ def test_disconnect_mid_stream_aborts_engine_request(http, server_url):
     pytest.fail("closing the streams never stopped their generation")
 
 
+def test_text_model_keeps_markdown_images_as_text(http):
+    """The text-only model: `![](...)` in `inputs` stays text, as TGI (the VLM's side is
+    tests/test_vlm.py)."""
+    prompt = "Describe ![](data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAA) briefly."
+    r = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200, r.text
+    assert int(r.headers["x-prompt-tokens"]) == len(http.post("/tokenize", json={"inputs": prompt}).json())
+
+
 def test_tokenize_gives_byte_offsets(http):
     text = "Köln ok"
     r = http.post("/tokenize", json={"inputs": text})

@@ -1,7 +1,9 @@
-"""A Vertex AI-shaped start on the real engine: only Vertex's variables (``AIP_HTTP_PORT``,
+"""A Vertex AI-shaped start of the real server process (on the scripted engine: the subject
+is the start, not the engine): only Vertex's variables (``AIP_HTTP_PORT``,
 ``AIP_PREDICT_ROUTE``, ``AIP_HEALTH_ROUTE``, ``AIP_STORAGE_URI``) and a local GCS emulator
-holding the tiny model's files. The model is downloaded before the engine starts, then
-served at Vertex's routes and at ``/vertex``."""
+holding the tiny model's files. The model is downloaded, byte for byte, before the engine
+starts, then served at Vertex's routes and at ``/vertex``. That vLLM serves a local model
+directory is the engine tier's every test."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tests.gcs_emulator import gcs_emulator, upload_dir, vertex_env
 
 from tgi_compat.tiny_model import build_tiny_model
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.socket
 
 PREDICT = "/v1/endpoints/123/deployedModels/456:predict"
 HEALTH = "/v1/endpoints/123/deployedModels/456"
@@ -39,7 +41,7 @@ def test_vertex_deployment_from_gcs(tmp_path):
         # Not Vertex's: a free metrics port (TGI's 9000 may be taken on a shared test machine).
         full = {**base, "PYTHONUNBUFFERED": "1", "PROMETHEUS_PORT": str(free_port()), **env}
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "tgi_compat"], env=full, cwd=ROOT, stdout=log,
+            proc = subprocess.Popen([sys.executable, "-m", "tests.socket.scripted_server"], env=full, cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:
             assert wait_http_ok(f"http://127.0.0.1:{port}{HEALTH}", STARTUP_TIMEOUT, proc), log_path.read_text()[-3000:]
@@ -59,6 +61,8 @@ def test_vertex_deployment_from_gcs(tmp_path):
             local = tmp_path / "tgi-compat-gcs" / "models" / "tiny" / "v1"
             assert served == str(local)
             assert sorted(p.name for p in local.iterdir()) == sorted(n.rsplit("/", 1)[1] for n in names)
+            for f in local.iterdir():
+                assert f.read_bytes() == (model / f.name).read_bytes(), f.name
             assert sorted(p.name for p in local.parent.iterdir()) == ["v1"]  # no partial directory left
             text = log_path.read_text()
             assert "downloaded gs://models/tiny/v1" in text
