@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import threading
@@ -159,10 +160,27 @@ class PausedEngines:
     def __enter__(self) -> "PausedEngines":
         for p in self.procs:
             p.suspend()
+        self._policy(os.SCHED_IDLE)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._policy(os.SCHED_OTHER)
         self._each("resume")
+
+    def _policy(self, policy: int) -> None:
+        """Every engine thread's scheduling policy. SCHED_IDLE while the test acts: the
+        engines then run only on CPU the test and the front end leave, so a 0.1 s burst
+        ends when the test wakes (with the engines at normal priority, a sleep(0.1) here
+        once returned after 17 s, with whole generations run in between)."""
+        for p in self.procs:
+            try:
+                for t in p.threads():
+                    try:
+                        os.sched_setscheduler(t.id, policy, os.sched_param(0))
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            except psutil.NoSuchProcess:
+                pass
 
     def _each(self, action: str) -> None:
         for p in self.procs:
