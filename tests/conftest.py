@@ -88,6 +88,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the sockets stay bound until all are chosen (two calls of
+    free_port() can be handed the same port back, seen in CI)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     """Poll ``url`` until it answers 200; False on timeout or if ``proc`` exits first."""
     deadline = time.monotonic() + timeout

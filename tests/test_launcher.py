@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, free_ports
 from tgi_compat import launcher
 from tgi_compat.config import ConfigError
 from tgi_compat.launcher import parse_config
@@ -464,7 +464,7 @@ def test_usage_error_exits_2_before_anything_starts(argv, message, limit):
 
 
 def _run_usage_error(argv: list[str], message: str, timeout: float) -> float:
-    port, prom = free_port(), free_port()
+    port, prom = free_ports(2)
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prom), *argv],
@@ -531,7 +531,7 @@ def test_server_from_env_vars_only(tmp_path, tiny):
     shutil.copytree(tiny, snapshot)
     (tmp_path / "hub" / "models--tgi-compat--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--tgi-compat--tiny" / "refs" / "main").write_text("0" * 40)
-    port, prom = free_port(), free_port()
+    port, prom = free_ports(2)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL_ID", "PORT", "HOSTNAME"))},
         "PYTHONUNBUFFERED": "1",
