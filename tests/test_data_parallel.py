@@ -291,9 +291,22 @@ def test_killing_the_headless_node_fails_health_and_in_flight_requests(two_nodes
     # Both nodes' engines run in bursts until every stream has started, and the headless
     # node dies while they are stopped: no stream can run to its end before the kill (busy
     # engines starve the front end and the test on this host).
+    # A stream on the headless node's engine can never finish once the node is gone (one
+    # on the local engine may, before the front end has declared the engines dead: CI once
+    # had all four streams on the local engine). The streams start one at a time, so vLLM's
+    # balancer sees each engine's load, until the headless engine runs one.
+    def on_headless() -> bool:
+        text = httpx.get(front.url + "/metrics", timeout=30).text
+        return per_engine(text, "tgi_compat_engine_batch_size").get("1", 0) > 0
+
     with PausedEngines(front.proc.pid, headless.proc.pid) as engines:
-        streams = [StreamReader(front.url, LONGEST) for _ in range(4)]
-        assert engines.run_until(lambda: all(s.started.is_set() for s in streams))
+        streams: list[StreamReader] = []
+        for _ in range(8):
+            streams.append(StreamReader(front.url, LONGEST))
+            assert engines.run_until(lambda: all(s.started.is_set() for s in streams))
+            if len(streams) >= 2 and on_headless():
+                break
+        assert on_headless(), "no stream reached the headless node's engine"
         in_flight = [s for s in streams if s.is_alive()]
         headless.kill()  # the whole node goes away
     assert in_flight, "every stream ended before the kill"
