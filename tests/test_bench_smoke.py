@@ -23,7 +23,7 @@ def test_benchmark_smoke(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "latest.json").read_text())
-    assert set(results["cells"]) == {"tgi_stream", "tgi_generate", "vllm_stream", "in_process"}
+    assert set(results["cells"]) == {"tgi_stream", "tgi_generate", "vllm_stream", "in_process", "front_end"}
     for cell in results["cells"].values():
         for level in cell.values():
             assert level["errors"] == 0 and level["tokens"] == level["requests"] * results["tokens"]

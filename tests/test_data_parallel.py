@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.conftest import EAGER, ROOT, ServerProcess, free_port, metric, wait_idle
-from tests.helpers import PausedEngines, StreamReader, wait_for
+from tests.helpers import PausedEngines, StreamReader, api_processes, wait_for
 
 # Two engines start in 30-40 s here (each on one core), in under a minute on a busy host.
 pytestmark = [pytest.mark.topology, pytest.mark.timeout(600)]
@@ -62,6 +62,12 @@ def plain(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _api_pids(server: ServerProcess) -> tuple[int, ...]:
+    pids = tuple(p.pid for p in api_processes(server.proc.pid, server.port))
+    assert len(pids) == 2
+    return pids
+
+
 def engine_process(server: ServerProcess, rank: int) -> psutil.Process:
     for child in psutil.Process(server.proc.pid).children(recursive=True):
         if f"EngineCore_DP{rank}" in child.name() or f"EngineCore_DP{rank}" in " ".join(child.cmdline()):
@@ -83,9 +89,11 @@ async def _burst(url: str, n: int, max_new_tokens: int = 8) -> list[httpx.Respon
 
 @pytest.fixture(scope="module")
 def dp_server():
+    """Two engines under two API processes (--api-server-count 2: each process a client of
+    both engines, vLLM's balancer in each); the headless tests below keep one front end."""
     server = ServerProcess(
         ["--max-total-tokens", MAX_TOTAL, "--max-concurrent-requests", str(CAP), "--shutdown-timeout", "3",
-         "--data-parallel-size", "2", *EAGER],
+         "--data-parallel-size", "2", "--api-server-count", "2", *EAGER],
         env=_bind("0|1"),
         log_name="dp",
     )
@@ -109,13 +117,21 @@ def test_every_route_serves_and_each_engines_work_is_counted_once(dp_server):
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
         comp = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 3})
         assert comp.status_code == 200 and len(comp.json()["choices"]) == 2
-        responses = asyncio.run(_burst(url, CAP))
+        # So far one connection, so one API process (one engine client) had requests.
+        middle = c.get("/metrics").text
+        responses = asyncio.run(_burst(url, CAP))  # a connection each: both API processes
         assert [r.status_code for r in responses] == [200] * CAP
         after = c.get("/metrics").text
 
-    def delta(name, **labels):
-        b, a = per_engine(before, name, **labels), per_engine(after, name, **labels)
+    def delta(name, start=before, end=after, **labels):
+        b, a = per_engine(start, name, **labels), per_engine(end, name, **labels)
         return {e: a[e] - b.get(e, 0) for e in a}
+
+    def steps_counted(start, end) -> tuple[float, float]:
+        """(TGI's batch steps, vLLM's iteration histogram count) between two scrapes."""
+        ours = sum(plain(end, f'tgi_batch_inference_count{{method="{m}"}}')
+                   - plain(start, f'tgi_batch_inference_count{{method="{m}"}}') for m in ("prefill", "decode"))
+        return ours, sum(delta("vllm:iteration_tokens_total_count", start, end).values())
 
     # vLLM's front end balanced the requests over both engines.
     finished = delta("vllm:request_success_total")
@@ -125,12 +141,13 @@ def test_every_route_serves_and_each_engines_work_is_counted_once(dp_server):
     assert plain(after, "tgi_request_success") - plain(before, "tgi_request_success") == generations
     generated = delta("vllm:generation_tokens_total")
     assert plain(after, "tgi_request_generated_tokens_sum") - plain(before, "tgi_request_generated_tokens_sum") == sum(generated.values())
-    steps = sum(delta("vllm:iteration_tokens_total_count").values())
-    ours = sum(
-        plain(after, f'tgi_batch_inference_count{{method="{m}"}}') - plain(before, f'tgi_batch_inference_count{{method="{m}"}}')
-        for m in ("prefill", "decode")
-    )
+    # Each engine step once. vLLM's iteration histogram is observed by every client that got
+    # outputs in a step, so it counts steps exactly only while one client had requests.
+    ours, steps = steps_counted(before, middle)
     assert ours == steps, (ours, steps)
+    # With both clients in flight, vLLM counts a step twice when both got outputs from it:
+    ours, observed = steps_counted(middle, after)
+    assert 8 <= ours <= observed <= 2 * ours, (ours, observed)  # 8 tokens a request: 8 steps at least
     # Capacity: both engines' KV blocks (vLLM's cache_config_info sums them too).
     info = re.search(r'^vllm:cache_config_info\{([^}]*)\}', after, re.M).group(1)
     blocks, size = (int(re.search(rf'{k}="(\d+)"', info).group(1)) for k in ("num_gpu_blocks", "block_size"))
@@ -160,7 +177,7 @@ def test_gauges_admission_and_disconnects_across_engines(dp_server):
     # (SIGSTOP) whenever the test reads the front end, so every read sees a front end that
     # has caught up, and no stream can run to its end (8,092 steps) before it is checked.
     socks: list[socket.socket] = []
-    with PausedEngines(dp_server.proc.pid) as engines:
+    with PausedEngines(dp_server.proc.pid, exclude=_api_pids(dp_server)) as engines:
         try:
             socks += [_send_raw_stream(dp_server.port, LONGEST) for _ in range(CAP)]
             with httpx.Client(base_url=url, timeout=60) as c:
@@ -211,7 +228,7 @@ def test_drain_finishes_every_engines_requests_then_exits_zero(dp_server):
     # SIGTERM, until the short streams have finished; then they stay stopped, so the long
     # streams cannot reach their end (CI once saw one finish inside the 3 s drain) and the
     # drain's deadline ends them with the in-band error.
-    with PausedEngines(dp_server.proc.pid) as engines:
+    with PausedEngines(dp_server.proc.pid, exclude=_api_pids(dp_server)) as engines:
         short = [StreamReader(url, {"inputs": f"drain {i}", "parameters": {"max_new_tokens": 40}}) for i in range(4)]
         long = [StreamReader(url, LONG) for _ in range(2)]
         assert engines.run_until(lambda: all(s.started.is_set() for s in short + long))

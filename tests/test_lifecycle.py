@@ -1,6 +1,7 @@
 """Engine death by killing vLLM's own engine process, on the shared LoRA server (run last in
-the engine tier: conftest.ENDS_SHARED_SERVER). Stalls, scripted engine death and the SIGTERM
-drain are the socket tier's (tests/socket/test_lifecycle.py)."""
+the engine tier: conftest.ENDS_SHARED_SERVER), whose two API processes
+(--api-server-count 2) both see it. Stalls, scripted engine death and the SIGTERM drain are
+the socket tier's (tests/socket/test_lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import LORA_MAX_TOTAL_TOKENS, ServerProcess
-from tests.helpers import PausedEngines, StreamReader, metric_values, wait_for
+from tests.helpers import PausedEngines, StreamReader, api_processes, connection_owner, metric_values, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -42,13 +43,19 @@ def test_killed_engine_fails_requests_and_exits_nonzero(lora_server_process):
     # engine runs in 0.1 s bursts (SIGSTOP between them) until every stream has its first
     # token and the non-stream request is in the engine (PausedEngines); the engine core
     # dies while stopped.
-    with PausedEngines(fault_server.proc.pid) as engines:
+    workers = api_processes(fault_server.proc.pid, fault_server.port)
+    assert len(workers) == 2
+    with PausedEngines(fault_server.proc.pid, exclude=tuple(p.pid for p in workers)) as engines:
         streams = [StreamReader(url, LONG) for _ in range(3)]
         non_stream = StreamReader(url, LONG, path="/generate")
         assert non_stream.sent.wait(30) and all(s.sent.wait(30) for s in streams)
         assert engines.run_until(
             lambda: all(s.started.is_set() for s in streams) and metric(url, "tgi_compat_engine_requests") == 4,
-            rounds=100)
+            rounds=100), ([s.started.is_set() for s in streams], metric(url, "tgi_compat_engine_requests"))
+        # Requests in flight in both API processes (a stream is re-sent until one lands on
+        # each: the kernel picks the process per connection).
+        owners = {connection_owner(workers, s.local_port) for s in streams + [non_stream]}
+        assert owners == {p.pid for p in workers} or _spread(url, workers, streams, engines)
         engine_core(fault_server).kill()
         killed = time.monotonic()
     assert wait_for(lambda: httpx.get(url + "/health", timeout=10).status_code == 503, timeout=1.0)
@@ -66,6 +73,17 @@ def test_killed_engine_fails_requests_and_exits_nonzero(lora_server_process):
     # restarts it; nothing of it is left behind.
     assert fault_server.proc.wait(30) == 1
     assert wait_for(lambda: not _group_alive(fault_server.proc.pid), timeout=30), "engine processes left behind"
+
+
+def _spread(url, workers, streams, engines) -> bool:
+    """Adds streams (up to the LoRA server's cap) until both API processes hold one."""
+    for _ in range(4):
+        s = StreamReader(url, LONG)
+        assert engines.run_until(lambda: s.started.is_set())
+        streams.append(s)
+        if {connection_owner(workers, x.local_port) for x in streams} == {p.pid for p in workers}:
+            return True
+    return False
 
 
 def _group_alive(pgid: int) -> bool:

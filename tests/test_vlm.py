@@ -9,18 +9,22 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import threading
 import time
+from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
+import psutil
 import pytest
 from huggingface_hub import InferenceClient
 from PIL import Image
 
 from tests.conftest import EAGER, ServerProcess
+from tests.helpers import PausedEngines, StreamReader, api_processes, connection_owner, wait_for
 from tgi_compat import tiny_vlm
 
 pytestmark = pytest.mark.topology
@@ -32,6 +36,8 @@ TOKENS_PER_IMAGE = tiny_vlm.IMAGE_TOKENS_PER_IMAGE + 3
 MAX_FETCH = 40_000
 TIMEOUT = 2.0
 MAX_IMAGES = 3
+API_KEY = "sk-vlm"  # the server runs with --api-key (checked in both API processes)
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 def noise_png(seed: int, size=(64, 64)) -> bytes:
@@ -100,7 +106,9 @@ def images_host():
 
 
 @pytest.fixture(scope="module")
-def vlm():
+def vlm_server():
+    """Two API processes (--api-server-count 2) behind --api-key: images are fetched and
+    processed in whichever gets the request; the last test kills one of them."""
     server = ServerProcess(
         [
             "--model-id", "embedded:tiny-vlm",
@@ -109,16 +117,24 @@ def vlm():
             "--image-fetch-timeout", str(TIMEOUT),
             "--max-images-per-request", str(MAX_IMAGES),
             "--image-fetch-allow", "localhost",
+            "--api-server-count", "2",
+            "--api-key", API_KEY,
+            "--engine-failure-grace", "1",  # the last test's server exits this long after its engine is gone
             *EAGER,
         ],
         log_name="vlm",
     )
     try:
         server.wait_ready()
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            yield client
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def vlm(vlm_server):
+    with httpx.Client(base_url=vlm_server.url, timeout=120, headers=AUTH) as client:
+        yield client
 
 
 def greedy(vlm, inputs: str, **params) -> httpx.Response:
@@ -261,7 +277,7 @@ def chat_messages(image_url: str) -> list[dict]:
 
 def test_chat_with_image_parts(vlm, images_host):
     base = str(vlm.base_url).rstrip("/")
-    hf = InferenceClient(base_url=base, timeout=120)
+    hf = InferenceClient(base_url=base, timeout=120, api_key=API_KEY)
     a = hf.chat_completion(chat_messages(uri(A)), max_tokens=8, temperature=0)
     a_http = hf.chat_completion(chat_messages(f"{images_host}/a.png"), max_tokens=8, temperature=0)
     b = hf.chat_completion(chat_messages(uri(B)), max_tokens=8, temperature=0)
@@ -277,7 +293,7 @@ def test_chat_with_image_parts(vlm, images_host):
         vlm.post("/tokenize", json={"inputs": text_only}).json()
     ) - 1 + TOKENS_PER_IMAGE - 1  # /tokenize adds a BOS; a templated prompt has the template's own
 
-    oa = openai.OpenAI(base_url=f"{base}/v1", api_key="-", timeout=120)
+    oa = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=120)
     got = oa.chat.completions.create(model="tgi", messages=chat_messages(uri(A)), max_tokens=8, temperature=0)
     assert got.choices[0].message.content == a.choices[0].message.content
     stream = oa.chat.completions.create(model="tgi", messages=chat_messages(uri(B)), max_tokens=8, temperature=0, stream=True)
@@ -286,3 +302,56 @@ def test_chat_with_image_parts(vlm, images_host):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         oa.chat.completions.create(model="tgi", messages=chat_messages("data:x"), max_tokens=4)
     assert e.value.response.json() == {"error": "Input validation error: invalid image content: x", "error_type": "validation"}
+
+
+def test_api_key_is_checked_in_both_api_processes(vlm_server):
+    workers, refused_by = api_processes(vlm_server.proc.pid, vlm_server.port), set()
+    for _ in range(24):  # a connection each: the kernel spreads them over the processes
+        conn = HTTPConnection("127.0.0.1", vlm_server.port, timeout=60)
+        try:
+            conn.request("POST", "/generate", '{"inputs": "x"}', {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (401, b"")  # TGI's: no body
+            refused_by.add(connection_owner(workers, conn.sock.getsockname()[1]))
+        finally:
+            conn.close()
+        if len(refused_by) == 2:
+            break
+    assert refused_by == {p.pid for p in workers}
+
+
+def test_killed_api_process_takes_the_server_down(vlm_server):
+    """Run last (it ends the module's server): one of the two API processes is killed; the
+    engine is stopped, so the other's in-flight requests end with TGI's in-band
+    `generation` error, and the server exits 1 with nothing of it left."""
+    server = vlm_server
+    workers = api_processes(server.proc.pid, server.port)
+    assert len(workers) == 2
+    body = {"inputs": "Describe ![](" + uri(A) + ") briefly.", "parameters": {"max_new_tokens": 400}}
+    with PausedEngines(server.proc.pid, exclude=tuple(p.pid for p in workers)) as engines:
+        streams = []
+        for _ in range(4):  # until both processes hold a stream (the kernel picks per connection)
+            streams += [StreamReader(server.url, body, headers=AUTH) for _ in range(2)]
+            assert engines.run_until(lambda: all(s.started.is_set() for s in streams))
+            if {connection_owner(workers, s.local_port) for s in streams} == {p.pid for p in workers}:
+                break
+        victim, other = workers
+        survivors = [s for s in streams if connection_owner(workers, s.local_port) == other.pid]
+        assert survivors and all(s.is_alive() for s in survivors)
+        victim.kill()
+    # The supervisor stops the engine at once (it resumes here, to take the SIGTERM): far
+    # sooner than the survivors' 400 tokens.
+    for s in survivors:
+        s.join(60)
+    for s in survivors:
+        last = s.events()[-1]
+        assert last.get("error_type") == "generation", s.raw[-300:]
+    assert server.proc.wait(60) == 1
+    assert wait_for(lambda: not [p for p in psutil.process_iter(["pid"]) if _pgid(p.info["pid"]) == server.proc.pid], 30)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

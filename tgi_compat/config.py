@@ -96,6 +96,7 @@ class Config:
     storage_uri: str | None = None  # gs://...: downloaded at start-up, then served as model_id
     storage_timeout: float = 60.0
     headless: bool = False  # engines only (data parallel), for a front end on another node
+    api_server_count: int = 1  # API processes over one set of engines (tgi_compat/api_servers.py)
     engine_flags: list[str] = field(default_factory=list)  # vLLM flags, as given
     # AsyncEngineArgs fields set by TGI flags (those an explicit vLLM flag also set are left out).
     engine_overrides: dict[str, Any] = field(default_factory=dict)

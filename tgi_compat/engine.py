@@ -170,6 +170,91 @@ def _step_logger_factory(engine: Engine):
     return StepLogger
 
 
+def _engine_client(engine_args, client: dict, stat_loggers):
+    """``AsyncLLM`` as client ``client_index`` of ``client_count`` to engines started by
+    ``SharedEngines`` in another process (what vLLM's API server workers build)."""
+    from vllm import AsyncLLMEngine
+
+    client = dict(client)
+    count, index = client.pop("client_count"), client.pop("client_index")
+    client.pop("api_server_loads", None)  # vLLM's accept balancing, for its own uvicorn server
+    engine_args._api_process_count, engine_args._api_process_rank = count, index
+    vllm_config = engine_args.create_engine_config()
+    return AsyncLLMEngine.from_vllm_config(
+        vllm_config, stat_loggers=stat_loggers, enable_log_requests=engine_args.enable_log_requests,
+        disable_log_stats=engine_args.disable_log_stats, client_addresses=client, client_count=count,
+        client_index=index,
+    )
+
+
+class SharedEngines:
+    """vLLM's engine processes for ``count`` API processes, and those processes: vLLM's own
+    machinery of ``vllm serve --api-server-count`` (``bind_engine_zmq_listeners``,
+    ``launch_core_engines``, ``APIServerProcessManager`` with our worker function as its
+    ``target_server_fn``). Each API process gets ``(listen_address, sock, worker_args,
+    client_config)`` and builds ``Engine(..., client=client_config)``.
+
+    ``make_worker_args(num_engines)`` builds what the workers are handed (after vLLM's
+    configuration says how many engines there are). Returns once the engines are up."""
+
+    def __init__(self, engine_args, count: int, target, make_worker_args, listen_address: str, sock):
+        from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
+        from vllm.v1.executor import Executor
+        from vllm.v1.utils import APIServerProcessManager
+
+        engine_args._api_process_count, engine_args._api_process_rank = count, -1
+        vllm_config = engine_args.create_engine_config()
+        self.num_engines: int = vllm_config.parallel_config.data_parallel_size
+        worker_args = make_worker_args(self.num_engines)
+        # Kept for the server's life: vLLM's listeners unlink their ipc socket files when
+        # collected (`EngineZmqListeners.__del__`), and an engine that has not connected to
+        # them yet then never does (ENOENT, retried forever: the start-up hang of issue 23).
+        self.listeners = listeners = bind_engine_zmq_listeners(vllm_config, count)
+        with launch_core_engines(vllm_config, Executor.get_class(vllm_config), not engine_args.disable_log_stats,
+                                 listeners.addresses) as launch:
+            self.engine_manager = launch.engine_manager
+            self.coordinator = launch.coordinator
+            self.api = APIServerProcessManager(
+                listen_address=listen_address, sock=sock, args=worker_args, num_servers=count,
+                input_listeners=listeners.inputs, output_listeners=listeners.outputs, target_server_fn=target,
+                stats_update_address=self.coordinator.get_stats_publish_address() if self.coordinator else None,
+                tensor_queue=launch.tensor_queue,
+            )
+            # An API process that dies while the engines start aborts the start.
+            launch.watched_frontend_processes = self.api.processes
+
+    @property
+    def api_processes(self) -> list:
+        return self.api.processes
+
+    @property
+    def engine_processes(self) -> list:
+        """The engine (and data-parallel coordinator) processes on this node."""
+        procs = list(getattr(self.engine_manager, "processes", None) or [])
+        if self.coordinator is not None:
+            procs.append(self.coordinator.proc)
+        return procs
+
+    def stop_engines(self, timeout: float | None = None) -> None:
+        if self.engine_manager is not None:
+            self.engine_manager.shutdown(timeout=timeout)
+        if self.coordinator is not None:
+            self.coordinator.shutdown(timeout=timeout)
+
+    def stop_api_processes(self, timeout: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``, to whichever API process is left."""
+        self.api.shutdown(timeout=timeout)
+        self.listeners.cleanup()
+
+
+def setup_multiprocess_prometheus() -> None:
+    """vLLM's ``vllm:*`` series written to files every API process reads (prometheus_client's
+    multiprocess mode, in a directory vLLM makes and removes: PROMETHEUS_MULTIPROC_DIR)."""
+    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus as setup
+
+    setup()
+
+
 def _structured_outputs(kind: str, value):
     """vLLM's structured-outputs constraint for a TGI grammar."""
     from vllm.sampling_params import StructuredOutputsParams
@@ -264,7 +349,10 @@ class EngineClient(Protocol):
 class Engine:
     """A running vLLM ``AsyncLLM`` and the served model's tokenizer (an ``EngineClient``)."""
 
-    def __init__(self, engine_args, lora_paths: dict[str, str] | None = None):
+    def __init__(self, engine_args, lora_paths: dict[str, str] | None = None, client: dict | None = None):
+        """``client``: vLLM's ``client_config`` of one of several API processes
+        (``--api-server-count``): the engines are another process's (``SharedEngines``)
+        and this is one of their clients; else this starts and owns its engines."""
         from transformers import AutoTokenizer
         from vllm import AsyncLLMEngine
 
@@ -272,7 +360,11 @@ class Engine:
         # Called once per engine step with vLLM's (scheduler_stats, iteration_stats, engine index).
         self.on_step = None
         self._closing = False
-        self.llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[_step_logger_factory(self)])
+        self.owns_engines = client is None
+        if client is None:
+            self.llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[_step_logger_factory(self)])
+        else:
+            self.llm = _engine_client(engine_args, client, [_step_logger_factory(self)])
         model_config = self.llm.model_config
         self.max_model_len: int = model_config.max_model_len
         cache = self.llm.vllm_config.cache_config
@@ -383,16 +475,20 @@ class Engine:
 
     @property
     def remote_engines(self) -> int:
-        """Data-parallel engines on other nodes (headless), connected to this front end."""
+        """Engines this process did not start, connected to it: data-parallel engines on
+        other nodes (headless), or every engine for one of several API processes."""
         parallel = self.llm.vllm_config.parallel_config
+        if not self.owns_engines:
+            return parallel.data_parallel_size
         return parallel.data_parallel_size - parallel.data_parallel_size_local
 
     async def watch_remote_engines(self) -> None:
-        """Treat a headless engine that went away as a dead engine.
+        """Treat a headless engine (or, for one of several API processes, any engine)
+        that went away as a dead engine.
 
         vLLM watches the engine processes it started itself (their death fails every
-        request and marks the engine errored) but not engines on other nodes: a request
-        on a killed headless engine would wait forever. Every engine holds a connection
+        request and marks the engine errored) but not engines another process started: a
+        request on such an engine that was killed would wait forever. Every engine holds a connection
         to the front end's request socket; when one closes while we are not shutting
         down, this does what vLLM does for a local engine's death: mark the engines dead
         and shut the client down, which ends every request with an error.

@@ -8,6 +8,8 @@ Each reads what the lifespan put on ``app.state``: ``lifecycle``, ``engine``, ``
 
 from __future__ import annotations
 
+import os
+
 import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
@@ -73,32 +75,60 @@ def build_router(auth) -> APIRouter:
 
 
 def render_metrics(state) -> bytes:
-    """The Prometheus exposition: TGI's series, ours, then vLLM's own."""
-    from prometheus_client import REGISTRY, generate_latest
+    """The Prometheus exposition: TGI's series, ours, then vLLM's own. With several API
+    processes (--api-server-count), any of them renders the sums over all."""
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
-    tgi = state.metrics.render()
+    metrics = state.metrics.merged()
+    live = state.metrics.live_totals(live_values(state))
     own = (
         "# HELP tgi_compat_permits_in_use Concurrency permits held by generations in flight.\n"
         "# TYPE tgi_compat_permits_in_use gauge\n"
         f"tgi_compat_permits_in_use {state.limiter.in_use}\n"
         "# HELP tgi_compat_engine_requests Requests the engine has not finished (running or queued).\n"
         "# TYPE tgi_compat_engine_requests gauge\n"
-        f"tgi_compat_engine_requests {state.engine.num_unfinished_requests()}\n"
-        + connection_metrics(state.connections.stats)
-    ).encode() + state.metrics.render_engines()
-    # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry.
-    return tgi + b"\n" + own + generate_latest(REGISTRY)
+        f"tgi_compat_engine_requests {int(live['engine_requests'])}\n"
+        + connection_metrics(int(live["connections_open"]),
+                             {k.removeprefix("closed:"): int(v) for k, v in live.items() if k.startswith("closed:")})
+    ).encode() + metrics.render_engines()
+    # vLLM's own `vllm:*` engine metrics live in prometheus_client's default registry; with
+    # several API processes, in vLLM's multiprocess directory (PROMETHEUS_MULTIPROC_DIR).
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and state.metrics.store is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return metrics.render() + b"\n" + own + generate_latest(registry)
 
 
-def connection_metrics(stats) -> str:
+def live_values(state) -> dict[str, float]:
+    """This process's values that change without an event to count (read when rendered)."""
+    stats = state.connections.stats
+    return {
+        "engine_requests": state.engine.num_unfinished_requests(),
+        "connections_open": stats.open,
+        **{f"closed:{reason}": n for reason, n in stats.closed.items()},
+    }
+
+
+async def publish_live_values(state, every: float = 0.5) -> None:
+    """One of several API processes: keeps its live values current for a scrape of any of
+    them (each also writes its own when it renders)."""
+    import asyncio
+
+    while True:
+        state.metrics.publish_live(live_values(state))
+        await asyncio.sleep(every)
+
+
+def connection_metrics(open_connections: int, closed: dict[str, int]) -> str:
     lines = [
         "# HELP tgi_compat_connections_open Open HTTP connections.",
         "# TYPE tgi_compat_connections_open gauge",
-        f"tgi_compat_connections_open {stats.open}",
+        f"tgi_compat_connections_open {open_connections}",
         "# HELP tgi_compat_connections_closed Connections closed by a guard: send_timeout (client stopped "
         "reading), read_timeout (request not received in time), idle_evicted (room made at the connection "
         "cap), over_capacity (503 at the cap).",
         "# TYPE tgi_compat_connections_closed counter",
     ]
-    lines += [f'tgi_compat_connections_closed{{reason="{k}"}} {v}' for k, v in stats.closed.items()]
+    lines += [f'tgi_compat_connections_closed{{reason="{k}"}} {v}' for k, v in closed.items()]
     return "\n".join(lines) + "\n"

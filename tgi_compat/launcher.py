@@ -435,6 +435,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("headless", "", "run only this node's data-parallel engines, for a front end on another node "
          "(vLLM's `serve --headless`, with tgi-compat's engine set-up; README, Scaling)", kind="switch",
          parse=boolean, default=False, env=None, origin="ours"),
+    Flag("api-server-count", "", "API server processes sharing the port over one set of engines (vLLM's "
+         "`--api-server-count`, with TGI's admission, metrics and drain across them; README, Scaling)",
+         parse=usize, default=1, origin="ours"),
 )
 
 FLAGS_BY_FIELD = {f.field: f for f in FLAGS if f.field}
@@ -631,6 +634,10 @@ def _check_tgi_rules(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise ConfigError("`validation_workers` must be > 0")
     if values["max_concurrent_requests"] == 0:
         raise ConfigError("`max_concurrent_requests` must be > 0")
+    if values["api_server_count"] == 0:
+        raise ConfigError("`api_server_count` must be > 0")
+    if values["api_server_count"] > 1 and values["headless"]:
+        raise ConfigError("`--api-server-count` is for a front end; `--headless` runs engines only")
     if values["max_connections"] is not None and values["max_connections"] < values["max_concurrent_requests"]:
         raise ConfigError("`max_connections` must be >= `max_concurrent_requests`")
     if values["send_timeout"] <= 0 or values["request_read_timeout"] <= 0:

@@ -8,12 +8,20 @@ its first use. Bucket bounds are TGI's (router/src/server.rs). The exposition is
 by hand here; vLLM's own ``vllm:*`` metrics (prometheus_client) are appended after it.
 
 Updates are plain dict/list operations done once per request or engine step, never per
-token.
+token. With several API processes (``--api-server-count``) each also writes every change
+through to its own file in a directory they share (``SharedStore``: prometheus_client's
+mmap files, as its multiprocess mode keeps them), and a scrape of any of them renders the
+sum over all (``TGIMetrics.render``): counters and histograms add up, a gauge is the newest
+value written (an engine step's statistics reach one API process: vLLM sends them to one
+client per step).
 """
 
 from __future__ import annotations
 
 import bisect
+import glob
+import json
+import os
 import time
 # First description wins, as in metrics-exporter-prometheus.
 HELP = {
@@ -77,6 +85,14 @@ class _Family:
     def __init__(self, name: str, labels: tuple[str, ...] = ()):
         self.name = name
         self.label_names = labels
+        self.store: SharedStore | None = None  # several API processes: written through
+        self._keys: dict[tuple, str] = {}
+
+    def _key(self, labels: tuple[str, ...], slot: str | int = "") -> str:
+        key = self._keys.get((labels, slot))
+        if key is None:
+            key = self._keys[(labels, slot)] = json.dumps([self.name, list(labels), slot])
+        return key
 
     def header(self) -> list[str]:
         lines = []
@@ -94,7 +110,9 @@ class Counter(_Family):
         self.values: dict[tuple[str, ...], int] = {}
 
     def inc(self, *labels: str, by: int = 1) -> None:
-        self.values[labels] = self.values.get(labels, 0) + by
+        value = self.values[labels] = self.values.get(labels, 0) + by
+        if self.store is not None:
+            self.store.write(self._key(labels), value)
 
     def render(self) -> list[str]:
         return [f"{self.name}{_labels(self.label_names, k)} {v}" for k, v in self.values.items()]
@@ -109,6 +127,8 @@ class Gauge(_Family):
 
     def set(self, value: float, *labels: str) -> None:
         self.values[labels] = value
+        if self.store is not None:
+            self.store.write(self._key(labels), value)
 
     def render(self) -> list[str]:
         return [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in self.values.items()]
@@ -128,9 +148,26 @@ class Histogram(_Family):
         state = self.values.get(labels)
         if state is None:
             state = self.values[labels] = [[0] * (len(self.buckets) + 1), 0.0, 0]
-        state[0][bisect.bisect_left(self.buckets, value)] += 1
+        bucket = bisect.bisect_left(self.buckets, value)
+        state[0][bucket] += 1
         state[1] += value
         state[2] += 1
+        if self.store is not None:
+            self.store.write(self._key(labels, bucket), state[0][bucket])
+            self.store.write(self._key(labels, "sum"), state[1])
+            self.store.write(self._key(labels, "count"), state[2])
+
+    def merge(self, labels: tuple[str, ...], slot, value: float) -> None:
+        """Add one process's value of one slot (a bucket index, "sum" or "count")."""
+        state = self.values.get(labels)
+        if state is None:
+            state = self.values[labels] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+        if slot == "sum":
+            state[1] += value
+        elif slot == "count":
+            state[2] += int(value)
+        else:
+            state[0][int(slot)] += int(value)
 
     def render(self) -> list[str]:
         lines = []
@@ -144,10 +181,40 @@ class Histogram(_Family):
         return lines
 
 
+class SharedStore:
+    """What the API processes of one server share (``--api-server-count``): a directory
+    where each writes its TGI series to its own file (prometheus_client's ``MmapedDict``:
+    a value and a timestamp per key, readable by any process at any time), and the time
+    of each engine's last step (a shared array: the process that gets a step's
+    statistics times it from the step before, whichever process got that one)."""
+
+    def __init__(self, directory: str, worker: int, last_steps=None):
+        from prometheus_client.mmap_dict import MmapedDict
+
+        self.directory = directory
+        self.last_steps = last_steps
+        self._file = MmapedDict(os.path.join(directory, f"tgi_{worker}.db"))
+
+    def write(self, key: str, value: float) -> None:
+        self._file.write_value(key, value, time.time())
+
+    def read_all(self):
+        """(key, value, timestamp) of every API process's file."""
+        from prometheus_client.mmap_dict import MmapedDict
+
+        for path in sorted(glob.glob(os.path.join(self.directory, "tgi_*.db"))):
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):
+                yield key, value, timestamp
+
+
+LIVE = "_live"  # the key prefix of per-process live values (requests in the engine, connections)
+
+
 class TGIMetrics:
     """Every TGI series this server feeds, with TGI's buckets."""
 
-    def __init__(self, max_input_tokens: int, max_total_tokens: int):
+    def __init__(self, max_input_tokens: int, max_total_tokens: int, store: SharedStore | None = None):
+        self._limits = (max_input_tokens, max_total_tokens)
         d = duration_buckets()
         input_buckets = [max_input_tokens / 100 * (i + 1) for i in range(100)]
         total_buckets = [max_total_tokens / 100 * (i + 1) for i in range(100)]
@@ -177,7 +244,15 @@ class TGIMetrics:
         self.engine_batch_size = Gauge("tgi_compat_engine_batch_size", ("engine",))
         self.engine_kv_cache_usage = Gauge("tgi_compat_engine_kv_cache_usage", ("engine",))
         self.kv_capacity_per_engine = 0.0
+        self._engines = (0, 0)  # (number of engines, total KV capacity in tokens)
         self._last_step: dict[int, float] = {}
+        self.store = store
+        if store is not None:
+            for family in self._all_families():
+                family.store = store
+
+    def _all_families(self) -> list[_Family]:
+        return [*self._families, self.engine_queue_size, self.engine_batch_size, self.engine_kv_cache_usage]
 
     # --- request events (the TGI spec layer calls these) ---
 
@@ -208,6 +283,9 @@ class TGIMetrics:
             self.batch_current_max_tokens.set(round(usage * self.kv_capacity_per_engine))
         if iteration_stats is None:
             return
+        shared_steps = self.store.last_steps if self.store is not None else None
+        if shared_steps is not None and scheduler_stats is None:
+            return  # several API processes: the one that got this step's statistics counts it
         now = time.monotonic()
         method = "prefill" if iteration_stats.num_prompt_tokens else "decode"
         self.batch_inference_count.inc(method)
@@ -217,20 +295,77 @@ class TGIMetrics:
             self.batch_next_size.observe(new_requests)
         # vLLM reports no per-step duration by default: the time since the same engine's
         # previous step, when it was busy in between, is the step's duration.
-        last = self._last_step.get(engine)
+        if shared_steps is not None:  # CLOCK_MONOTONIC is one clock for every process
+            last = shared_steps[engine] or None
+            shared_steps[engine] = now
+        else:
+            last = self._last_step.get(engine)
+            self._last_step[engine] = now
         if last is not None and now - last < 1.0:
             step = now - last
             self.batch_inference_duration.observe(step, method)
             self.batch_forward_duration.observe(step, method)
-        self._last_step[engine] = now
 
     def set_engines(self, num_engines: int, kv_capacity_tokens: int) -> None:
         """The engines' total KV capacity (vLLM sums it over data-parallel engines)."""
+        self._engines = (num_engines, kv_capacity_tokens)
         self.batch_max_total_tokens.set(kv_capacity_tokens)
         self.kv_capacity_per_engine = kv_capacity_tokens / max(num_engines, 1)
         for engine in range(num_engines):  # every engine is listed from the start
             for gauge in (self.engine_queue_size, self.engine_batch_size, self.engine_kv_cache_usage):
                 gauge.values.setdefault((str(engine),), 0)
+
+    # --- several API processes ---
+
+    def publish_live(self, values: dict[str, float]) -> None:
+        if self.store is not None:
+            for name, value in values.items():
+                self.store.write(json.dumps([LIVE, name]), value)
+
+    def live_totals(self, values: dict[str, float]) -> dict[str, float]:
+        """This process's live values (e.g. its requests in the engine, its open
+        connections) summed with every other API process's latest; with one process,
+        ``values`` as given."""
+        if self.store is None:
+            return values
+        self.publish_live(values)
+        totals = dict.fromkeys(values, 0.0)
+        for key, value, _ in self.store.read_all():
+            kind, *rest = json.loads(key)
+            if kind == LIVE:
+                totals[rest[0]] = totals.get(rest[0], 0.0) + value
+        return totals
+
+    def merged(self) -> TGIMetrics:
+        """Every API process's series in one ``TGIMetrics`` (this one with one process):
+        counters and histograms summed, each gauge the newest value written, TGI's batch
+        gauges the sums over engines of each engine's newest step."""
+        if self.store is None:
+            return self
+        out = TGIMetrics(*self._limits)
+        out.set_engines(*self._engines)
+        families = {f.name: f for f in out._all_families()}
+        newest: dict[tuple, float] = {}
+        for key, value, timestamp in self.store.read_all():
+            parts = json.loads(key)
+            if parts[0] == LIVE:
+                continue
+            name, labels, slot = parts
+            family = families.get(name)
+            labels = tuple(labels)
+            if isinstance(family, Histogram):
+                family.merge(labels, slot, value)
+            elif isinstance(family, Counter):
+                family.values[labels] = family.values.get(labels, 0) + int(value)
+            elif isinstance(family, Gauge) and timestamp >= newest.get((name, labels), float("-inf")):
+                newest[(name, labels)] = timestamp
+                family.values[labels] = value
+        if any(name == self.engine_queue_size.name for name, _ in newest):  # after the first step, as TGI
+            out.queue_size.values[()] = sum(out.engine_queue_size.values.values())
+            out.batch_current_size.values[()] = sum(out.engine_batch_size.values.values())
+            usage = sum(out.engine_kv_cache_usage.values.values())
+            out.batch_current_max_tokens.values[()] = round(usage * out.kv_capacity_per_engine)
+        return out
 
     def render_engines(self) -> bytes:
         """The per-engine ``tgi_compat_engine_*`` gauges (not TGI's: rendered apart)."""

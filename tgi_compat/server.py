@@ -26,12 +26,12 @@ from starlette.responses import Response
 
 import tgi_compat
 from tgi_compat import openapi
-from tgi_compat.admission import ConcurrencyLimiter
+from tgi_compat.admission import ConcurrencyLimiter, SharedConcurrencyLimiter
 from tgi_compat.chat_template import load_chat_template
 from tgi_compat.config import Config, ConfigError
 from tgi_compat.connection import ConnectionGuard, drop_record, resolve_max_connections
 from tgi_compat.errors import install_handlers
-from tgi_compat.info_router import METRICS_CONTENT_TYPE, render_metrics
+from tgi_compat.info_router import METRICS_CONTENT_TYPE, publish_live_values, render_metrics
 from tgi_compat.info_router import build_router as build_info_router
 from tgi_compat.kserve import build_router as build_kserve_router
 from tgi_compat.lifecycle import Lifecycle, Server
@@ -131,17 +131,18 @@ def _git_sha() -> str | None:
         return None
 
 
-def create_app(config: Config, engine=None, metrics_socket: socket.socket | None = None) -> FastAPI:
+def create_app(config: Config, engine=None, metrics_socket: socket.socket | None = None, seat=None) -> FastAPI:
     """The ASGI app: routers, error handlers, middleware; the engine and everything over
     it are built by ``lifespan`` (so the port opens only once the engine is ready, as
     TGI's router starts only after the model is warmed up). ``engine``: one already
     built (the caller owns it), e.g. the in-process tests' scripted engine.
-    ``metrics_socket`` (bound to --prometheus-port) serves the exposition once ready."""
+    ``metrics_socket`` (bound to --prometheus-port) serves the exposition once ready.
+    ``seat``: this is one of several API processes (``api_servers.Seat``)."""
     app = FastAPI(
         title="tgi-compat",
         version=tgi_compat.TGI_VERSION,  # TGI's document carries its release too
         description=f"Text Generation Inference's HTTP API on vLLM ({tgi_compat.version_text()})",
-        lifespan=partial(lifespan, config=config, engine=engine, metrics_socket=metrics_socket),
+        lifespan=partial(lifespan, config=config, engine=engine, metrics_socket=metrics_socket, seat=seat),
         docs_url="/docs",
         openapi_url="/api-doc/openapi.json",
         default_response_class=Response,
@@ -179,16 +180,21 @@ def create_app(config: Config, engine=None, metrics_socket: socket.socket | None
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket: socket.socket | None = None):
+async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket: socket.socket | None = None,
+                   seat=None):
     """Build the engine (unless given) and the serving objects over it, serve, then stop
-    them in reverse order."""
+    them in reverse order. With a ``seat`` (one of several API processes) the engine is a
+    client of the shared engines, and the permits and metrics are shared."""
     owned = engine is None
     if owned:
         from tgi_compat.engine import Engine
 
-        engine = Engine(*config_engine_args(config))
+        engine = Engine(*config_engine_args(config), client=seat.client if seat is not None else None)
         started = time.monotonic()
-        await engine.warm_up()  # before the port opens: /health is never ready before it
+        if seat is None:
+            await engine.warm_up()  # before the port opens: /health is never ready before it
+        else:
+            await seat.warm_up(engine)
         logger.info("warm-up done in %.1f s", time.monotonic() - started)
     state = app.state
     lifecycle: Lifecycle = state.lifecycle
@@ -203,8 +209,12 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
         adapters=frozenset(engine.adapters),
     )
     state.engine = engine
-    state.limiter = ConcurrencyLimiter(config.max_concurrent_requests)
-    state.metrics = metrics = TGIMetrics(max_input, max_total)
+    if seat is None:
+        state.limiter = ConcurrencyLimiter(config.max_concurrent_requests)
+        state.metrics = metrics = TGIMetrics(max_input, max_total)
+    else:
+        state.limiter = SharedConcurrencyLimiter(config.max_concurrent_requests, seat.permits)
+        state.metrics = metrics = TGIMetrics(max_input, max_total, store=seat.metrics_store())
     metrics.set_engines(engine.num_engines, engine.kv_capacity_tokens)
     engine.on_step = metrics.engine_step
     tracer = None
@@ -240,9 +250,14 @@ async def lifespan(app: FastAPI, *, config: Config, engine=None, metrics_socket:
     metrics_listener = None
     if metrics_socket is not None:
         metrics_listener = await start_metrics_listener(metrics_socket, lambda: render_metrics(state))
+    publisher = None
+    if seat is not None:  # this process's live values, for a scrape of any API process
+        publisher = asyncio.ensure_future(publish_live_values(state))
     try:
         yield
     finally:
+        if publisher is not None:
+            publisher.cancel()
         if metrics_listener is not None:
             metrics_listener.close()
         await lifecycle.stop()
@@ -320,11 +335,19 @@ async def start_metrics_listener(sock: socket.socket, render) -> asyncio.Server:
     )
 
 
-def bind_socket(host: str, port: int, flag: str) -> socket.socket:
-    """The listening address, taken before anything starts: a port in use is a start-up error."""
+def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False, probe_free: bool = True) -> socket.socket:
+    """The listening address, taken before anything starts: a port in use is a start-up
+    error. ``reuse_port``: several API processes each listen on the port with a socket of
+    their own, and the kernel spreads new connections over them (SO_REUSEPORT)."""
+    if reuse_port and probe_free:
+        # SO_REUSEPORT would also let this share a port that another server with several API
+        # processes listens on: prove the port free first, with a plain bind.
+        bind_socket(host, port, flag).close()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -346,12 +369,25 @@ def bind_host(hostname: str) -> str:
 def run(config: Config, log_config: dict | None = None, engine=None) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or engine death (exit status 1).
     ``engine``: one already built (the caller owns it), e.g. the socket tests' scripted
-    engine; else the lifespan builds vLLM's."""
-    from sse_starlette.sse import AppStatus
+    engine; else the lifespan builds vLLM's. ``--api-server-count`` above 1: this process
+    supervises that many API processes over one set of engines (``api_servers.py``)."""
+    main_socket, metrics_socket = open_ports(config)
+    try:
+        prepare_model(config, build_embedded=engine is None)
+    except BaseException:
+        main_socket.close()
+        metrics_socket.close()
+        raise
+    if config.api_server_count > 1 and engine is None:
+        from tgi_compat.api_servers import supervise
 
-    # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
-    # (Lifecycle ends what is left after --shutdown-timeout with an error event).
-    AppStatus.disable_automatic_graceful_drain()
+        return supervise(config, log_config, main_socket, metrics_socket)
+    return serve(config, log_config, main_socket, metrics_socket, engine=engine)
+
+
+def open_ports(config: Config) -> tuple[socket.socket, socket.socket]:
+    """The main and metrics listening sockets, bound before anything starts (a port in use
+    is a start-up error)."""
     config.max_connections = resolve_max_connections(config.max_connections, config.max_concurrent_requests)
     host = bind_host(config.hostname)
     if config.prometheus_port == config.port:
@@ -359,26 +395,44 @@ def run(config: Config, log_config: dict | None = None, engine=None) -> int:
             f"`--prometheus-port {config.prometheus_port}` is the same as `--port`: Prometheus metrics get "
             "their own port (also served at /metrics on the main port); choose another `--prometheus-port`"
         )
-    main_socket = bind_socket(host, config.port, "--port")
-    metrics_socket = bind_socket(host, config.prometheus_port, "--prometheus-port")
-    if config.storage_uri:  # Vertex AI's AIP_STORAGE_URI: the model is copied here first
+    main_socket = bind_socket(host, config.port, "--port", reuse_port=config.api_server_count > 1)
+    try:
+        metrics_socket = bind_socket(host, config.prometheus_port, "--prometheus-port")
+    except BaseException:
+        main_socket.close()
+        raise
+    return main_socket, metrics_socket
+
+
+def prepare_model(config: Config, build_embedded: bool = True) -> None:
+    """What must exist before an engine starts: Vertex AI's AIP_STORAGE_URI copied here
+    (then served as the model), an embedded model built. A failed fetch or build is one
+    line and exit status 1, not a lifespan traceback."""
+    if config.storage_uri:
         from tgi_compat.gcs import download_model
 
-        try:
-            config.model_id = str(download_model(config.storage_uri, timeout=config.storage_timeout))
-        except BaseException:
-            main_socket.close()
-            metrics_socket.close()
-            raise
-    if engine is None:
-        # Before the app: a failed fetch or build of an embedded model is one line and exit
-        # status 1, not a lifespan traceback.
+        config.model_id = str(download_model(config.storage_uri, timeout=config.storage_timeout))
+    if build_embedded:
         resolve_model(config)
-    app = create_app(config, engine=engine, metrics_socket=metrics_socket)
+
+
+def serve(config: Config, log_config: dict | None, main_socket: socket.socket, metrics_socket: socket.socket,
+          engine=None, seat=None) -> int:
+    """Serve the app on the bound sockets. ``seat``: this is one of several API processes
+    (``api_servers.Seat``)."""
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette cancels every stream as soon as shutdown begins; we drain instead
+    # (Lifecycle ends what is left after --shutdown-timeout with an error event).
+    AppStatus.disable_automatic_graceful_drain()
+    if seat is not None:  # one of several API processes: a listening socket of its own on the port
+        host, port = main_socket.getsockname()[:2]
+        main_socket = bind_socket(host, port, "--port", reuse_port=True, probe_free=False)
+    app = create_app(config, engine=engine, metrics_socket=metrics_socket, seat=seat)
     server = Server(
         uvicorn.Config(
             app,
-            host=host,
+            host=bind_host(config.hostname),
             port=config.port,
             loop="uvloop",
             # httptools, with the connection guards (send/read timeouts, cap, keepalive).
